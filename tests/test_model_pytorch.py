@@ -1,0 +1,400 @@
+"""model_pytorch: parity with `transformers`' OpenAI GPT, the loader (SPEC §1) and the network (SPEC §2)."""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model_pytorch as mp
+from conftest import ROOT, TINY, TINY_HEADS, make_inputs, tiny_config
+from model_pytorch import (
+    DEFAULT_CONFIG,
+    DoubleHeadModel,
+    LMModel,
+    TransformerModel,
+    WeightsError,
+    load_openai_pretrained_model,
+)
+from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights
+
+N_SPECIAL = 3
+
+
+def tiny_model(n_special=N_SPECIAL, cls=TransformerModel, **cfg):
+    vocab = TINY["n_vocab"] + n_special + TINY["n_ctx"]
+    if cls is TransformerModel:
+        return TransformerModel(tiny_config(**cfg), vocab=vocab, n_ctx=TINY["n_ctx"])
+    return cls(tiny_config(**cfg), TINY["n_vocab"] + 2, "multiple_choice", vocab=vocab, n_ctx=TINY["n_ctx"])
+
+
+def load_tiny(model, path, **kw):
+    kw.setdefault("n_transfer", TINY["n_layer"])
+    return load_openai_pretrained_model(model, n_embd=TINY["n_embd"], path=str(path), **kw)
+
+
+def hf_reference(hf_dir):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.OpenAIGPTLMHeadModel.from_pretrained(str(hf_dir))
+    # its modeling_openai maps afn "gelu" to the tanh form (gelu_new), as the TF code
+    assert model.config.afn == "gelu" and type(model.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+    return model.eval()
+
+
+def compare_with_hf(ours, hf, n_vocab, n_special, shape, seed=0):
+    x = make_inputs(n_vocab, n_special, ours.n_ctx, shape, seed=seed)
+    with torch.no_grad():
+        h = ours(x)
+        logits = F.linear(h, ours.embed.weight)[..., :n_vocab]
+        out = hf(input_ids=x[..., 0], output_hidden_states=True)
+    h_err = (h - out.hidden_states[-1]).abs().max().item()
+    logit_err = (logits - out.logits).abs().max().item()
+    return h_err, logit_err
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_parity_with_transformers_tiny(tiny_openai_dir, tiny_hf_dir):
+    ours = load_tiny(tiny_model().eval(), tiny_openai_dir)
+    h_err, logit_err = compare_with_hf(ours, hf_reference(tiny_hf_dir), TINY["n_vocab"], N_SPECIAL, (3, TINY["n_ctx"]))
+    print(f"tiny parity: hidden {h_err:.2e}, logits {logit_err:.2e}")
+    assert h_err <= 1e-5 and logit_err <= 1e-5
+
+
+def test_parity_with_transformers_full_size(full_size_weights):
+    arrays, openai_dir, hf_dir = full_size_weights
+    ours = TransformerModel(DEFAULT_CONFIG, vocab=40478 + N_SPECIAL + 512, n_ctx=512).eval()
+    load_openai_pretrained_model(ours, n_special=N_SPECIAL, path=str(openai_dir))
+    h_err, logit_err = compare_with_hf(ours, hf_reference(hf_dir), 40478, N_SPECIAL, (2, 77))
+    print(f"full-size parity: hidden {h_err:.2e}, logits {logit_err:.2e}")
+    assert h_err <= 5e-5 and logit_err <= 5e-5
+
+
+def test_fused_attention_equals_explicit_softmax():
+    fused = tiny_model().eval()
+    explicit = tiny_model(fused_attention=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 16, (4, 16))
+    with torch.no_grad():
+        err = (fused(x) - explicit(x)).abs().max().item()
+    assert err <= 1e-5
+
+
+def test_explicit_attention_is_the_spec_formula():
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
+    w = q @ k.transpose(-1, -2) / np.sqrt(8)
+    w = w.masked_fill(~torch.tril(torch.ones(7, 7, dtype=torch.bool)), float("-inf"))
+    expected = torch.softmax(w, -1) @ v
+    got = mp.explicit_causal_attention(q, k, v, torch.nn.Identity())
+    torch.testing.assert_close(got, expected)
+
+
+def test_gelu_is_tanh_form():
+    x = torch.linspace(-5, 5, 101, dtype=torch.float64)
+    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x.numpy() + 0.044715 * x.numpy() ** 3)))
+    torch.testing.assert_close(mp.gelu(x), torch.as_tensor(ref))
+
+
+# ----------------------------------------------------------------------------- loader
+
+def test_round_trip_every_tensor_is_its_slice(tiny_openai_dir, tiny_arrays):
+    model = load_tiny(tiny_model(n_special=0, cls=TransformerModel), tiny_openai_dir, n_ctx=-1, n_special=-1)
+    flat = np.concatenate([np.load(tiny_openai_dir / f"params_{i}.npy") for i in range(10)])
+    offsets = np.cumsum([0] + [a.size for a in tiny_arrays])
+    pieces = [flat[offsets[i]:offsets[i + 1]].reshape(a.shape) for i, a in enumerate(tiny_arrays)]
+    we = model.embed.weight.detach().numpy()
+    assert np.array_equal(we, np.concatenate([pieces[1], pieces[0][: TINY["n_ctx"]]]))
+    for layer in range(TINY["n_layer"]):
+        for j, name in enumerate(mp.LAYER_PARAMS):
+            expected = pieces[2 + 12 * layer + j]
+            got = model.h[layer].get_parameter(name).detach().numpy()
+            assert np.array_equal(got, expected.reshape(got.shape)), name
+
+
+def test_n_ctx_and_n_special(tiny_openai_dir, tiny_arrays):
+    n_ctx, n_special, n_vocab = 9, 4, TINY["n_vocab"]
+    model = TransformerModel(tiny_config(), vocab=n_vocab + n_special + n_ctx, n_ctx=n_ctx)
+    load_tiny(model, tiny_openai_dir, n_ctx=n_ctx, n_special=n_special)
+    we = model.embed.weight.detach().numpy()
+    assert np.array_equal(we[:n_vocab], tiny_arrays[1])
+    assert np.array_equal(we[n_vocab + n_special:], tiny_arrays[0][:n_ctx])
+    special = we[n_vocab:n_vocab + n_special]
+    assert not np.isin(special, tiny_arrays[0]).any() and not np.isin(special, tiny_arrays[1]).any()
+    assert 0.005 < special.std() < 0.05  # N(0, 0.02) rows
+
+
+def test_n_transfer(tiny_openai_dir, tiny_arrays):
+    before = tiny_model()
+    untouched = {k: v.clone() for k, v in before.state_dict().items()}
+    load_tiny(before, tiny_openai_dir, n_transfer=-1)
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in untouched.items())
+
+    model = tiny_model()
+    layer1 = model.h[1].attn.c_attn.w.detach().clone()
+    load_tiny(model, tiny_openai_dir, n_transfer=1)
+    assert np.array_equal(model.h[0].attn.c_attn.w.detach().numpy(), tiny_arrays[2][0])
+    assert torch.equal(model.h[1].attn.c_attn.w, layer1)
+    assert np.array_equal(model.embed.weight[: TINY["n_vocab"]].detach().numpy(), tiny_arrays[1])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hugging_face_format_loads_the_same(tmp_path, tiny_openai_dir, tiny_arrays, fmt):
+    write_hf_weights(tmp_path / fmt, tiny_arrays, TINY_HEADS, fmt=fmt)
+    torch.manual_seed(3)
+    a = load_tiny(tiny_model(), tiny_openai_dir)
+    torch.manual_seed(3)
+    b = load_tiny(tiny_model(), tmp_path / fmt)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_loads_into_double_head_model(tiny_openai_dir, tiny_arrays):
+    model = load_tiny(tiny_model(cls=DoubleHeadModel), tiny_openai_dir)
+    assert np.array_equal(model.transformer.h[0].ln_1.g.detach().numpy(), tiny_arrays[6])
+    assert model.lm_head.decoder.weight is model.transformer.embed.weight
+
+
+# ----------------------------------------------------------------------------- bad weights
+
+def expect_error(path, match, **kw):
+    with pytest.raises(WeightsError, match=match):
+        load_tiny(tiny_model(), path, **kw)
+
+
+def test_missing_folder_has_a_hint(tmp_path):
+    expect_error(tmp_path / "nowhere", r"does not exist.*model/README.md")
+
+
+def test_empty_folder(tmp_path):
+    expect_error(tmp_path, r"neither params_shapes.json.*nor config.json")
+
+
+def test_missing_shard(tiny_openai_dir):
+    os.remove(tiny_openai_dir / "params_7.npy")
+    expect_error(tiny_openai_dir, r"missing: params_7.npy")
+
+
+def test_extra_shard(tiny_openai_dir):
+    np.save(tiny_openai_dir / "params_10.npy", np.zeros(3, np.float32))
+    expect_error(tiny_openai_dir, r"unexpected: params_10.npy")
+
+
+def test_truncated_shard(tiny_openai_dir):
+    path = tiny_openai_dir / "params_3.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:-40])
+    expect_error(tiny_openai_dir, r"params_3.npy: truncated.*promises \d+ float32 values")
+
+
+def test_shard_sizes_do_not_add_up(tiny_openai_dir):
+    np.save(tiny_openai_dir / "params_9.npy", np.zeros(5, np.float32))
+    expect_error(tiny_openai_dir, r"shards hold \d+ values in all but params_shapes.json describes \d+")
+
+
+def test_non_float32_shard(tiny_openai_dir):
+    path = tiny_openai_dir / "params_2.npy"
+    np.save(path, np.load(path).astype(np.float64))
+    expect_error(tiny_openai_dir, r"params_2.npy: expected float32 data, found float64")
+
+
+def test_not_an_npy_file(tiny_openai_dir):
+    (tiny_openai_dir / "params_0.npy").write_bytes(b"garbage")
+    expect_error(tiny_openai_dir, r"params_0.npy: not a valid .npy file")
+
+
+def test_shapes_do_not_match_config(tmp_path):
+    write_openai_weights(tmp_path, n_vocab=60, n_ctx=16, n_embd=24, n_layer=2)
+    expect_error(tmp_path, r"params_shapes.json: array 0 has shape \[16, 24\] but a model with "
+                           r"n_embd=32 expects \[16, 32\]")
+
+
+def test_vocab_rows_do_not_match(tiny_openai_dir):
+    model = TransformerModel(tiny_config(), vocab=100, n_ctx=16)
+    with pytest.raises(WeightsError, match=r"60 token \+ 3 special \+ 16 position rows = 79.*has 100 rows"):
+        load_tiny(model, tiny_openai_dir, n_special=3)
+
+
+def test_n_ctx_beyond_position_table(tiny_openai_dir):
+    model = TransformerModel(tiny_config(), vocab=60 + 32, n_ctx=32)
+    with pytest.raises(WeightsError, match=r"n_ctx=32 but the position table has only 16 rows"):
+        load_tiny(model, tiny_openai_dir)
+
+
+def test_too_few_layers_in_file(tmp_path):
+    write_openai_weights(tmp_path, n_vocab=60, n_ctx=16, n_embd=32, n_layer=1)
+    expect_error(tmp_path, r"n_transfer=2 but the weights hold only 1 layers")
+
+
+def test_hf_wrong_shape_and_dtype(tmp_path, tiny_arrays):
+    bad = list(tiny_arrays)
+    bad[2] = bad[2][:, :, :48]  # layer 0 c_attn.w cut short
+    write_hf_weights(tmp_path / "shape", bad, TINY_HEADS)
+    expect_error(tmp_path / "shape", r"'h.0.attn.c_attn.weight' has shape \[32, 48\], expected \[32, 96\]")
+    bad = [a.astype(np.float16) if i == 3 else a for i, a in enumerate(tiny_arrays)]
+    write_hf_weights(tmp_path / "dtype", bad, TINY_HEADS)
+    expect_error(tmp_path / "dtype", r"'h.0.attn.c_attn.bias' is torch.float16, expected torch.float32")
+
+
+def test_hf_missing_weights_file(tmp_path, tiny_arrays):
+    write_hf_weights(tmp_path, tiny_arrays, TINY_HEADS)
+    os.remove(tmp_path / "model.safetensors")
+    expect_error(tmp_path, r"neither model.safetensors nor pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- network behaviour
+
+def test_pooling_takes_the_first_classify_token():
+    h = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1).expand(2, 5, 3)
+    x = torch.zeros(1, 2, 5, 2, dtype=torch.long)
+    x[0, 0, [1, 3], 0] = 9
+    x[0, 1, [4], 0] = 9
+    pooled = mp.pool_classify_states(h, x, clf_token=9)
+    assert pooled[:, 0].tolist() == [1.0, 9.0]
+
+
+def test_missing_classify_token_is_a_clear_error():
+    model = tiny_model(cls=DoubleHeadModel).eval()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 8, (2, 2, 8), high=TINY["n_vocab"] - 5)
+    x[0, 0, 7, 0] = model.task_head.clf_token
+    with pytest.raises(ValueError, match=r"3 of 4 sequences have no classify token"):
+        model(x)
+
+
+def test_lm_logits_restricted_to_masked_positions():
+    model = tiny_model(cls=DoubleHeadModel).eval()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 10, (3, 2, 10))
+    x[..., 6, 0] = model.task_head.clf_token
+    mask = torch.zeros(3, 2, 10)
+    mask[..., :7] = 1
+    mask[1, 0, :9] = 1
+    full, clf_a = model(x)
+    part, clf_b = model(x, lm_mask=mask)
+    keep = mask.view(-1, 10)[:, 1:].reshape(-1).bool()
+    assert torch.equal(part, full[keep]) and torch.equal(clf_a, clf_b)
+    assert model(x, compute_lm=False)[0] is None
+
+
+def test_embedding_dropout_is_on_the_matrix_shared_with_the_lm_head():
+    model = tiny_model(cls=DoubleHeadModel, embd_pdrop=0.5, attn_pdrop=0, resid_pdrop=0, clf_pdrop=0).train()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 8, (2, 2, 8))
+    x[..., -1, 0] = model.task_head.clf_token
+    torch.manual_seed(11)
+    we = model.transformer.embedding_matrix()
+    assert (we == 0).any(dim=1).any()  # whole rows of `we` are hit, not looked-up copies
+    expected = F.linear(model.transformer(x, we)[:, :-1].reshape(-1, TINY["n_embd"]), we)
+    torch.manual_seed(11)
+    lm_logits, _ = model(x)
+    torch.testing.assert_close(lm_logits, expected)
+
+
+def test_multiple_choice_dropout_mask_shared_by_choices():
+    model = tiny_model(cls=DoubleHeadModel, clf_pdrop=0.5).train()
+    head = model.task_head
+    h = torch.ones(4 * 3, 5, TINY["n_embd"])
+    x = torch.zeros(4, 3, 5, 2, dtype=torch.long)
+    x[..., -1, 0] = head.clf_token
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.weight[0, 0] = 1.0  # logit = first unit of the dropped state
+    logits = head(h, x)
+    assert set(logits.unique().tolist()) <= {0.0, 2.0}
+    assert (logits == logits[:, :1]).all()  # same mask for every choice of an example
+    assert logits.shape == (4, 3)
+
+
+def test_classifier_bias_starts_at_zero():
+    for task in ("multiple_choice", "similarity", "inference", ("classification", 5)):
+        head = mp.make_task_head(task, 1, tiny_config())
+        assert torch.count_nonzero(head.linear.bias) == 0
+        assert 0.01 < head.linear.weight.std() < 0.03
+
+
+def test_similarity_head_is_symmetric_in_the_orderings():
+    model = DoubleHeadModel(tiny_config(), 61, "similarity", vocab=60 + 3 + 16, n_ctx=16).eval()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 8, (3, 2, 8), high=50)
+    x[..., -1, 0] = 61
+    _, a = model(x)
+    _, b = model(x.flip(1))
+    assert a.shape == (3,)
+    torch.testing.assert_close(a, b)
+
+
+def test_unknown_task_head():
+    with pytest.raises(ValueError, match="unknown task_head_type"):
+        DoubleHeadModel(tiny_config(), 1, "regression", vocab=80, n_ctx=16)
+
+
+def test_state_dict_keys_follow_the_earlier_port():
+    keys = set(tiny_model(cls=DoubleHeadModel).state_dict())
+    for key in ("transformer.embed.weight", "transformer.h.0.attn.c_attn.w", "transformer.h.1.ln_1.g",
+                "transformer.h.0.mlp.c_proj.b", "lm_head.decoder.weight", "task_head.linear.weight",
+                "task_head.linear.bias"):
+        assert key in keys
+    state = tiny_model(cls=DoubleHeadModel).state_dict()
+    assert tuple(state["transformer.h.0.attn.c_attn.w"].shape) == (TINY["n_embd"], 3 * TINY["n_embd"])
+
+
+def test_loads_a_checkpoint_of_the_earlier_port():
+    source = tiny_model(cls=DoubleHeadModel)
+    state = source.state_dict()
+    for i in range(TINY["n_layer"]):  # the earlier port saved its causal mask as `attn.b`
+        state[f"transformer.h.{i}.attn.b"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
+    target = tiny_model(cls=DoubleHeadModel)
+    target.load_state_dict(state)
+    assert torch.equal(target.transformer.h[1].attn.c_proj.w, source.transformer.h[1].attn.c_proj.w)
+
+
+def test_config_from_namespace_dict_and_errors():
+    ns = argparse.Namespace(n_embd=32, n_head=4, n_layer=2, embd_pdrop=0.0, attn_pdrop=0.1, resid_pdrop=0.1,
+                            clf_pdrop=0.1, afn="relu", lr=1e-3, dataset="rocstories")
+    for cfg in (ns, vars(ns)):
+        model = TransformerModel(cfg, vocab=50, n_ctx=8)
+        assert model.cfg.afn == "relu" and len(model.h) == 2 and model.cfg.embd_pdrop == 0.0
+    with pytest.raises(ValueError, match="divisible"):
+        mp.GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="unknown activation"):
+        mp.GPTConfig(afn="tanh")
+
+
+def test_input_longer_than_n_ctx_is_a_clear_error():
+    model = tiny_model()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 16, (1, 17))
+    with pytest.raises(ValueError, match="17 positions but the model was built with n_ctx=16"):
+        model(x)
+
+
+def test_lm_model_probs_never_predict_positions():
+    model = LMModel(tiny_config(), vocab=79, n_ctx=16, return_probs=True).eval()
+    probs = model(make_inputs(60, 3, 16, (2, 5)))
+    assert probs.shape == (2, 5, 79)
+    assert probs[..., -16:].max() < 1e-30
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5))
+
+
+# ----------------------------------------------------------------------------- README
+
+def test_readme_usage_snippet_runs_as_written(full_size_weights, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"<!-- usage -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    os.symlink(full_size_weights[1], tmp_path / "model")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([1, 5, 768])" in result.stdout
+
+
+def test_fixture_shapes_match_the_real_file():
+    shapes_file = ROOT.parent / "shared" / "openai-gpt" / "params_shapes.json"
+    if not shapes_file.exists():
+        pytest.skip("../shared/openai-gpt/params_shapes.json is absent")
+    real = json.loads(shapes_file.read_text())
+    assert real == mp.openai_shapes()
+    assert sum(int(np.prod(s)) for s in real) == 116_534_784
+    assert [list(a.shape) for a in random_openai_arrays(n_layer=1, seed=0)] == real[:14]
