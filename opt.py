@@ -1,0 +1,124 @@
+"""The TF code's modified Adam (SPEC §3): global-norm clipping, bias correction in the step size,
+a warm-up schedule, and L2 decay inside the bias-corrected step."""
+
+import math
+
+import torch
+from torch.optim import Optimizer
+
+
+def warmup_cosine(x, warmup=0.002):
+    return x / warmup if x <= warmup else 0.5 * (1 + math.cos(math.pi * x))
+
+
+def warmup_constant(x, warmup=0.002):
+    return x / warmup if x <= warmup else 1.0
+
+
+def warmup_linear(x, warmup=0.002):
+    return (x / warmup if x <= warmup else 1.0) * (1 - x)
+
+
+SCHEDULES = {
+    "warmup_cosine": warmup_cosine,
+    "warmup_constant": warmup_constant,
+    "warmup_linear": warmup_linear,
+}
+
+
+class OpenAIAdam(Optimizer):
+    """Adam as in OpenAI's `finetune-transformer-lm` (SPEC §3). One update, with t the step count
+    after its increment:
+
+        clip all gradients together to global norm max_grad_norm (if > 0)
+        lrt = lr * sqrt(1 - b2^t) / (1 - b1^t) * schedule(t / t_total, warmup)
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p = p - lrt * (m / (sqrt(v) + e) + l2 * p)     (l2 term only for rank > 1, or all if vector_l2)
+
+    The step count lives in each param group (`group["step"]`), so `state_dict()` restores it.
+    """
+
+    def __init__(self, params, lr, schedule, warmup, t_total, b1=0.9, b2=0.999, e=1e-8, l2=0,
+                 vector_l2=False, max_grad_norm=-1, **kwargs):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"invalid schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
+        if not 0.0 < warmup <= 1.0:
+            raise ValueError(f"invalid warmup={warmup}: the warm-up fraction must be in (0, 1]")
+        if not t_total >= 1:
+            raise ValueError(f"invalid t_total={t_total}: the number of updates must be >= 1")
+        if not 0.0 <= b1 < 1.0:
+            raise ValueError(f"invalid b1={b1}: must be in [0, 1)")
+        if not 0.0 <= b2 < 1.0:
+            raise ValueError(f"invalid b2={b2}: must be in [0, 1)")
+        if not e >= 0.0:
+            raise ValueError(f"invalid e={e}: must be >= 0")
+        if not l2 >= 0.0:
+            raise ValueError(f"invalid l2={l2}: must be >= 0")
+        defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e, l2=l2,
+                        vector_l2=vector_l2, max_grad_norm=max_grad_norm, step=0, lr_t=0.0)
+        super().__init__(params, defaults)
+
+    def step_size(self, group, t):
+        """lrt at step t (SPEC §3, step 2)."""
+        schedule = SCHEDULES[group["schedule"]]
+        bias_correction = math.sqrt(1 - group["b2"] ** t) / (1 - group["b1"] ** t)
+        return group["lr"] * bias_correction * schedule(t / group["t_total"], group["warmup"])
+
+    def current_lr(self):
+        """The step size lrt of the last update (first group), for logging."""
+        return self.param_groups[0]["lr_t"]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self):
+        """TF's clip_by_global_norm over every parameter of every group; returns the global norm."""
+        max_norm = max(g["max_grad_norm"] for g in self.param_groups)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if max_norm <= 0 or not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        scale = max_norm / torch.clamp(norm, min=max_norm)  # 1 when norm <= max_norm
+        torch._foreach_mul_(grads, scale)
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.clip_grad_norm_()
+        for group in self.param_groups:
+            group["step"] += 1
+            lrt = self.step_size(group, group["step"])
+            group["lr_t"] = lrt
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._update(group, params, lrt)
+        return loss
+
+    def _update(self, group, params, lrt):
+        """Steps 3-4 of SPEC §3 with multi-tensor kernels: no Python loop of small ops per tensor."""
+        b1, b2, e, l2 = group["b1"], group["b2"], group["e"], group["l2"]
+        grads = [p.grad for p in params]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_mul_(exp_avgs, b1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - b1)
+        torch._foreach_mul_(exp_avg_sqs, b2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, e)
+        updates = torch._foreach_div(exp_avgs, denom)  # m / (sqrt(v) + e)
+        del denom
+        if l2 > 0:
+            decayed = [i for i, p in enumerate(params) if p.dim() > 1 or group["vector_l2"]]
+            if decayed:  # + l2 * p, with p before this update
+                torch._foreach_add_([updates[i] for i in decayed], [params[i] for i in decayed], alpha=l2)
+        torch._foreach_add_(params, updates, alpha=-lrt)
