@@ -1,0 +1,171 @@
+"""text_utils: ids identical to the original pipeline (SPEC §4), checked against `transformers` 4.57."""
+
+import json
+import re
+import shutil
+
+import ftfy
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import text_utils
+from bench.corpus import english_texts
+from conftest import OPENAI_GPT, needs_shared
+from text_utils import TextEncoder, VocabularyError, learn_bpe, text_standardize
+
+ENCODER = OPENAI_GPT / "encoder_bpe_40000.json"
+MERGES = OPENAI_GPT / "vocab_40000.bpe"
+real_vocab = needs_shared("encoder_bpe_40000.json", "vocab_40000.bpe")
+
+EDGE_CASES = [
+    "", " ", "\n", "Mr. and Mrs. Dursley, of number four, Privet Drive, were proud to say they were normal.",
+    "She paused—then ran – fast ― very fast… and stopped.", "It’s “curly” and ‘single’ ´quoted´.",
+    "Line one\nLine two\r\nLine three\n\n\n  indented", "Dr. J. R. R. Tolkien vs. U.S.A. e.g. i.e. etc.",
+    "In 1984, 3.14159 and 1,000,000 people paid $4.50 (or 10%).", "Visit https://example.com/a_b?x=1&y=2#frag now",
+    "email me at someone@example.org!!!", "Emoji: 😀🎉👍🏽 and ☃ snow.",
+    "Café, naïve, façade, jalapeño, Zürich, Øresund.",
+    "Ümlauts ÄÖÜ and ß", "tabs\tbetween\twords", "&amp; &lt;b&gt; HTML entities &quot;", "mojibake: Ã©tÃ© â€œhiâ€\x9d",
+    "--- ~~~ !!! \"\"\" ;;; ??? +++ ,,, ))) ((( /// *** [[[ ]]] }}} {{{ ||| ___", "can't won't shouldn't y'all",
+    "ALL CAPS SHOUTING", "MixedCase iPhone McDonald's", "a" * 60, "supercalifragilisticexpialidocious",
+    "日本語のテキスト", "Привет, мир", "ﬁnancial ﬂow ligatures", "full-width ＡＢＣ１２３",
+    "\x00control\x07chars\x1b[31m",
+    "   leading and trailing   ", "semi;colon? question!exclaim", "She said, \"Hello.\" He said: 'Bye'.",
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return TextEncoder(str(ENCODER), str(MERGES))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    assert transformers.__version__.startswith("4.57"), "the reference must be 4.57's slow tokenizer"
+    return transformers.OpenAIGPTTokenizer(str(ENCODER), str(MERGES))
+
+
+def reference_ids(tokenizer, text):
+    # `_tokenize`, not `tokenize`: the latter lower-cases before spaCy (SPEC §4).
+    return tokenizer.convert_tokens_to_ids(tokenizer._tokenize(text))
+
+
+def original_standardize(text):
+    """SPEC §4 step 2 as the TF source wrote it: a NON-raw string, so '\\\\+' became '\\+'."""
+    text = text.replace("—", "-").replace("–", "-").replace("―", "-").replace("…", "...").replace("´", "'")
+    # The TF source has `\\+` in a non-raw string: the regex engine receives `\+`, a second "+" rule.
+    pattern = '(-+|~+|!+|"+|;+|\\?+|\\++|,+|\\)+|\\(+|\\++|\\/+|\\*+|\\[+|\\]+|}+|{+|\\|+|_+)'
+    text = re.sub(pattern, r" \1 ", text)
+    text = re.sub(r"\s*\n\s*", " \n ", text)
+    text = re.sub(r"[^\S\n]+", " ", text)
+    return text.strip()
+
+
+@real_vocab
+def test_ids_identical_to_the_original_pipeline(ours, reference):
+    texts = [t for t in english_texts() if "\\" not in t] + EDGE_CASES
+    assert len(texts) >= 2000
+    got = ours.encode(texts, verbose=False)
+    mismatches = [t for t, ids in zip(texts, got) if ids != reference_ids(reference, t)]
+    print(f"tokenizer parity: {len(mismatches)} mismatches in {len(texts)} texts")
+    assert mismatches == []
+
+
+@real_vocab
+def test_backslashes_follow_the_tf_rule(ours, reference, monkeypatch):
+    texts = [t for t in english_texts() if "\\" in t] + ["a\\b", "C:\\\\path\\to\\file", "\\\\n escape \\"]
+    assert len(texts) > 20
+    # Where the reference pads backslashes (raw-string pattern), ours must not ...
+    differs = sum(a != reference_ids(reference, t) for t, a in zip(texts, ours.encode(texts, verbose=False)))
+    assert differs > 0
+    # ... and equals the reference once its standardizing is the TF one.
+    tokenization_openai = __import__("transformers.models.openai.tokenization_openai", fromlist=["x"])
+    monkeypatch.setattr(tokenization_openai, "text_standardize", original_standardize)
+    assert ours.encode(texts, verbose=False) == [reference_ids(reference, t) for t in texts]
+    assert text_standardize("a\\\\b") == "a\\\\b"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("abc -~!\";?+,)(/*[]}{|_\\\n\t .'—–―…´")), max_size=40))
+def test_standardize_equals_the_original_regexes(text):
+    assert text_standardize(text) == original_standardize(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="&")
+               | st.sampled_from(["\n", "\t"]), max_size=80))
+def test_ftfy_is_the_identity_where_it_is_skipped(text):
+    assert text_utils.FTFY_IDENTITY.fullmatch(text)
+    assert ftfy.fix_text(text) == text
+
+
+def test_ftfy_still_runs_where_it_matters():
+    for text in ["&amp; more", "Ã©tÃ©", "line\r\nend", "ﬁne"]:
+        assert text_utils.fix_text(text) == ftfy.fix_text(text) != text
+
+
+@real_vocab
+def test_decode(ours):
+    ids = ours.encode(["The cat sat on the mat. It was... happy!"], verbose=False)[0]
+    assert ours.decode(ids) == "the cat sat on the mat . it was ... happy !"
+    ours.encoder["_start_"] = len(ours.encoder)
+    try:
+        assert ours.decode([ours.encoder["_start_"]] + ids[:2]) == "_start_ the cat"
+    finally:
+        del ours.encoder["_start_"]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ours.decode([10 ** 6])
+
+
+@real_vocab
+def test_hugging_face_file_names(tmp_path, ours):
+    shutil.copy(ENCODER, tmp_path / "vocab.json")
+    shutil.copy(MERGES, tmp_path / "merges.txt")
+    hf_named = TextEncoder(str(tmp_path / "encoder_bpe_40000.json"), str(tmp_path / "vocab_40000.bpe"))
+    direct = TextEncoder(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = EDGE_CASES[:8]
+    assert hf_named.encode(texts, verbose=False) == direct.encode(texts, verbose=False) == ours.encode(texts,
+                                                                                                       verbose=False)
+
+
+def test_vocabulary_errors(tmp_path):
+    good_enc, good_bpe = tmp_path / "enc.json", tmp_path / "v.bpe"
+    good_enc.write_text(json.dumps({"<unk>": 0, "a</w>": 1}))
+    good_bpe.write_text("#version: 0.2\na b\n")
+    with pytest.raises(VocabularyError, match="not found"):
+        TextEncoder(str(tmp_path / "none.json"), str(good_bpe))
+    with pytest.raises(VocabularyError, match="merges file .* not found"):
+        TextEncoder(str(good_enc), str(tmp_path / "none.bpe"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(VocabularyError, match="bad.json: not valid JSON"):
+        TextEncoder(str(tmp_path / "bad.json"), str(good_bpe))
+    (tmp_path / "ids.json").write_text(json.dumps({"a": 0, "b": 5}))
+    with pytest.raises(VocabularyError, match="ids must be 0 ... 1"):
+        TextEncoder(str(tmp_path / "ids.json"), str(good_bpe))
+    (tmp_path / "bad.bpe").write_text("#version: 0.2\na b\nabc\n")
+    with pytest.raises(VocabularyError, match=r"bad.bpe, line 3: expected two symbols"):
+        TextEncoder(str(good_enc), str(tmp_path / "bad.bpe"))
+
+
+def test_encode_rejects_a_bare_string(tmp_path):
+    enc = learn_bpe(["the cat sat"] * 3, str(tmp_path / "e.json"), str(tmp_path / "m.bpe"), vocab_size=40,
+                    min_frequency=1)
+    with pytest.raises(TypeError, match="list of texts"):
+        enc.encode("the cat")
+
+
+def test_learn_bpe_writes_the_original_format(tmp_path):
+    corpus = ["The cat sat on the mat.", "The dog sat on the log!", "A bird flew over the house."] * 20
+    enc = learn_bpe(corpus, str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"), vocab_size=80,
+                    min_frequency=2)
+    lines = (tmp_path / "vocab.bpe").read_text().split("\n")
+    assert lines[0].startswith("#version") and lines[-1] == ""
+    assert all(len(line.split()) == 2 for line in lines[1:-1])
+    encoder = json.loads((tmp_path / "encoder.json").read_text())
+    assert encoder["<unk>"] == 0 and "the</w>" in encoder and "sat</w>" in encoder
+    ids = enc.encode(["the cat sat on the log!"], verbose=False)[0]
+    assert 0 not in ids
+    assert enc.decode(ids) == "the cat sat on the log !"
+    assert TextEncoder(str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe")).encode(corpus[:3], False) == \
+        enc.encode(corpus[:3], False)

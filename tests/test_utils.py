@@ -1,0 +1,55 @@
+"""utils: batching, logging and the original's small helpers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from utils import ResultLogger, encode_dataset, flatten, iter_data, make_path, np_softmax, stsb_label_encoding
+
+
+def test_iter_data_batches_and_ends_cleanly():
+    a, b = np.arange(10), np.arange(10) * 2
+    batches = list(iter_data(a, b, n_batch=4))
+    assert [x.tolist() for x, _ in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [y.tolist() for _, y in batches][1] == [8, 10, 12, 14]
+    assert [x.tolist() for x in iter_data(a, n_batch=4, truncate=True)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert len(list(iter_data(a, n_batch=2, max_batches=3))) == 3
+    assert list(iter_data(a, n_batch=3, verbose=True))[-1].tolist() == [9]
+    with pytest.raises(ValueError, match="different lengths"):
+        list(iter_data(a, a[:3]))
+
+
+def test_result_logger(tmp_path):
+    path = tmp_path / "log" / "run.jsonl"
+    with ResultLogger(str(path), lr=0.1, desc="x") as logger:
+        logger.log(n_epochs=1, va_acc=50.0)
+        assert len(path.read_text().splitlines()) == 2  # flushed at once
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["lr"] == 0.1 and "time" in lines[0] and lines[1]["va_acc"] == 50.0
+    with ResultLogger(str(path), resume=True, keep_lines=1) as logger:
+        logger.log(n_epochs=2)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line.get("n_epochs") for line in lines] == [None, 2]
+
+
+class FakeEncoder:
+    def encode(self, texts, verbose=True):
+        return [[len(w) for w in t.split()] for t in texts]
+
+
+def test_encode_dataset_encodes_texts_only():
+    train = (["a bb", "ccc"], ["dd"] * 2, np.array([0, 1]))
+    valid = (["e"], ["ff gg"], np.array([1]))
+    (tr, va) = encode_dataset(*[train, valid], encoder=FakeEncoder())
+    assert tr[0] == [[1, 2], [3]] and va[1] == [[2, 2]] and tr[2].tolist() == [0, 1]
+    assert encode_dataset((train, valid), encoder=FakeEncoder())[1][1] == [[2, 2]]
+
+
+def test_small_helpers(tmp_path):
+    np.testing.assert_allclose(np_softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
+    np.testing.assert_allclose(stsb_label_encoding([2.4, 5.0]), [[0, 0, 0.6, 0.4, 0, 0], [0, 0, 0, 0, 0, 1]],
+                               atol=1e-6)
+    assert flatten([[1, 2], [], [3]]) == [1, 2, 3]
+    target = tmp_path / "a" / "b" / "c.txt"
+    assert make_path(str(target)) == str(target) and target.parent.is_dir()

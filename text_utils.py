@@ -1,0 +1,223 @@
+"""Text to ids exactly as the original (SPEC §4): ftfy, standardizing, spaCy's English tokenizer
+rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
+
+Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
+printable ASCII without '&'), the standardizing rules run as one pass each, spaCy tokenizes in
+batches, and each distinct word is turned into ids once.
+"""
+
+import json
+import os
+import re
+
+import ftfy
+from tqdm import tqdm
+
+# SPEC §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
+# became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
+PUNCTUATION_RUN = re.compile(r'([-~!";?+,)(/*\[\]}{|_])\1*')
+NEWLINE = re.compile(r"\s*\n\s*")
+BLANKS = re.compile(r"[^\S\n]+")
+CHAR_FIXES = str.maketrans({"—": "-", "–": "-", "―": "-", "…": "...", "´": "'"})
+# Texts made only of these characters are returned unchanged by ftfy.fix_text (proved by a test).
+FTFY_IDENTITY = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+
+
+def text_standardize(text):
+    """The original's standardizing (SPEC §4 step 2)."""
+    text = text.translate(CHAR_FIXES)
+    text = PUNCTUATION_RUN.sub(r" \g<0> ", text)
+    if "\n" in text:
+        text = NEWLINE.sub(" \n ", text)
+    return BLANKS.sub(" ", text).strip()
+
+
+def fix_text(text):
+    """ftfy.fix_text, skipped where it is the identity."""
+    return text if FTFY_IDENTITY.fullmatch(text) else ftfy.fix_text(text)
+
+
+def get_pairs(word):
+    return set(zip(word, word[1:]))
+
+
+def english_tokenizer():
+    """spaCy's rule-based English tokenizer: no model download needed."""
+    from spacy.lang.en import English
+
+    return English().tokenizer
+
+
+def pre_tokenize(texts, nlp):
+    """spaCy token texts of each text after ftfy and standardizing (SPEC §4 steps 1-3)."""
+    cleaned = (text_standardize(fix_text(t)) for t in texts)
+    for doc in nlp.pipe(cleaned, batch_size=1000):
+        yield [token.text for token in doc]
+
+
+def _resolve(path, alternative):
+    """`path`, or the Hugging Face-named file beside it when `path` is absent."""
+    if not os.path.exists(path):
+        other = os.path.join(os.path.dirname(path), alternative)
+        if os.path.exists(other):
+            return other
+    return path
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file is missing or malformed."""
+
+
+def load_encoder(path):
+    if not os.path.exists(path):
+        raise VocabularyError(f"vocabulary file {path!r} not found (expected encoder_bpe_40000.json or vocab.json; "
+                              "see model/README.md)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            encoder = json.load(f)
+    except ValueError as err:
+        raise VocabularyError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(encoder, dict) or not encoder:
+        raise VocabularyError(f"{path}: expected a JSON object mapping BPE pieces to ids")
+    bad = [k for k, v in encoder.items() if not isinstance(v, int) or isinstance(v, bool)]
+    if bad:
+        raise VocabularyError(f"{path}: the id of {bad[0]!r} is {encoder[bad[0]]!r}, expected an integer")
+    if sorted(encoder.values()) != list(range(len(encoder))):
+        raise VocabularyError(f"{path}: ids must be 0 ... {len(encoder) - 1}, each once")
+    return encoder
+
+
+def load_merges(path):
+    """Merge ranks from a `#version` line then one "a b" pair per line (rank = line order)."""
+    if not os.path.exists(path):
+        raise VocabularyError(f"merges file {path!r} not found (expected vocab_40000.bpe or merges.txt; "
+                              "see model/README.md)")
+    ranks = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            if (line_no == 1 and line.startswith("#")) or not line:
+                continue
+            pair = tuple(line.split())
+            if len(pair) != 2:
+                raise VocabularyError(f"{path}, line {line_no}: expected two symbols separated by a space, "
+                                      f"found {line!r}")
+            ranks.setdefault(pair, len(ranks))
+    if not ranks:
+        raise VocabularyError(f"{path}: no merges found")
+    return ranks
+
+
+class TextEncoder:
+    """Encodes texts to the original's BPE ids (SPEC §4) and decodes ids back to text."""
+
+    def __init__(self, encoder_path, bpe_path):
+        encoder_path = _resolve(encoder_path, "vocab.json")
+        bpe_path = _resolve(bpe_path, "merges.txt")
+        self.encoder = load_encoder(encoder_path)
+        self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
+        self.bpe_ranks = load_merges(bpe_path)
+        self.nlp = english_tokenizer()
+        self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
+        self._ids = {}  # spaCy token text -> ids
+        self._decoder = {}
+
+    # -- BPE (SPEC §4 step 4) --------------------------------------------------------------------
+    def bpe(self, token):
+        """Merge the lowest-ranked pair first until no pair is in the merges file."""
+        if token in self.cache:
+            return self.cache[token]
+        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        pairs = get_pairs(word)
+        if not pairs:
+            return token + "</w>"
+        ranks = self.bpe_ranks
+        while True:
+            bigram = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+            if bigram not in ranks:
+                break
+            first, second = bigram
+            new_word = []
+            i = 0
+            while i < len(word):
+                try:
+                    j = word.index(first, i)
+                except ValueError:
+                    new_word.extend(word[i:])
+                    break
+                new_word.extend(word[i:j])
+                i = j
+                if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
+                    new_word.append(first + second)
+                    i += 2
+                else:
+                    new_word.append(word[i])
+                    i += 1
+            word = tuple(new_word)
+            if len(word) == 1:
+                break
+            pairs = get_pairs(word)
+        word = " ".join(word)
+        if word == "\n  </w>":
+            word = "\n</w>"
+        self.cache[token] = word
+        return word
+
+    def _token_ids(self, text):
+        ids = self._ids.get(text)
+        if ids is None:
+            get = self.encoder.get
+            ids = self._ids[text] = [get(piece, 0) for piece in self.bpe(text.lower()).split(" ")]
+        return ids
+
+    # -- public API -------------------------------------------------------------------------------
+    def encode(self, texts, verbose=True):
+        """One list of ids per text."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        out = []
+        for words in tqdm(pre_tokenize(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
+            ids = []
+            for word in words:
+                ids.extend(self._token_ids(word))
+            out.append(ids)
+        return out
+
+    def decode(self, ids):
+        """Readable text from ids (BPE pieces joined, "</w>" read as a word end)."""
+        if len(self._decoder) != len(self.encoder):  # specials may have been added to `encoder`
+            self._decoder = {v: k for k, v in self.encoder.items()}
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if i not in self._decoder:
+                raise ValueError(f"id {i} is not in the vocabulary (0 ... {len(self._decoder) - 1})")
+            piece = self._decoder[i]
+            pieces.append(piece if i < self.n_vocab else f" {piece}</w>")
+        return "".join(pieces).replace("</w>", " ").replace(" \n ", "\n").strip()
+
+
+def learn_bpe(texts, encoder_path, bpe_path, vocab_size=1000, min_frequency=2):
+    """Learn a BPE vocabulary from `texts` with Hugging Face `tokenizers`, on the words of the
+    original pipeline, and write it in the original two-file format (ids JSON + merges file).
+
+    Id 0 is `<unk>`, as in OpenAI's vocabulary. Returns a TextEncoder over the new files.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    docs = pre_tokenize(texts, english_tokenizer())
+    lowered = (" ".join(w.lower() for w in doc if not w.isspace()) for doc in docs)
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<unk>"],
+                                  end_of_word_suffix="</w>", show_progress=False)
+    tokenizer.train_from_iterator(lowered, trainer)
+    state = json.loads(tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    for path in (encoder_path, bpe_path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(encoder_path, "w", encoding="utf-8") as f:
+        json.dump(state["vocab"], f, ensure_ascii=False)
+    with open(bpe_path, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    return TextEncoder(encoder_path, bpe_path)

@@ -1,0 +1,116 @@
+"""Dataset encoding, batching and logging helpers of the original, made safe for today's Python."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+
+def encode_dataset(*splits, encoder):
+    """Encode every field of every split that holds texts; other fields (labels) pass through.
+
+    Called as the original: `encode_dataset(*[(trX1, trX2, trX3, trY), ...], encoder=text_encoder)`
+    or with the splits in one tuple, `encode_dataset((train, valid, test), encoder=...)`.
+    """
+    if len(splits) == 1 and isinstance(splits[0], (list, tuple)) and splits[0] and isinstance(splits[0][0], tuple):
+        splits = splits[0]
+    encoded = []
+    for split in splits:
+        fields = []
+        for field in split:
+            if len(field) and isinstance(field[0], str):
+                field = encoder.encode(field, verbose=False)
+            fields.append(field)
+        encoded.append(fields)
+    return encoded
+
+
+def stsb_label_encoding(labels, nclass=6):
+    """Soft labels for a score in [0, nclass - 1] (Tai, Socher and Manning's Tree-LSTM encoding)."""
+    Y = np.zeros((len(labels), nclass), dtype=np.float32)
+    for j, y in enumerate(labels):
+        low = int(np.floor(y))
+        Y[j, low] = low - y + 1
+        if low + 1 < nclass:
+            Y[j, low + 1] = y - low
+    return Y
+
+
+def np_softmax(x, t=1):
+    x = np.asarray(x) / t
+    x = x - np.max(x, axis=-1, keepdims=True)
+    ex = np.exp(x)
+    return ex / np.sum(ex, axis=-1, keepdims=True)
+
+
+def make_path(f):
+    """Create the folder of file path `f` if needed; return `f`."""
+    d = os.path.dirname(f)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return f
+
+
+def flatten(outer):
+    return [el for inner in outer for el in inner]
+
+
+def iter_data(*datas, n_batch=128, truncate=False, verbose=False, max_batches=float("inf")):
+    """Batches of `n_batch` rows of each array (a tuple of slices when several are given).
+
+    truncate=True drops the last partial batch. Ends with `return`, not `raise StopIteration`
+    (an error inside generators since Python 3.7).
+    """
+    n = len(datas[0])
+    if any(len(d) != n for d in datas):
+        raise ValueError(f"iter_data: arrays of different lengths {[len(d) for d in datas]}")
+    if truncate:
+        n = (n // n_batch) * n_batch
+    n = int(min(n, max_batches * n_batch))
+    for n_done, i in enumerate(tqdm(range(0, n, n_batch), total=-(-n // n_batch), file=sys.stderr, ncols=80,
+                                    leave=False, disable=not verbose)):
+        if n_done >= max_batches:
+            return
+        if len(datas) == 1:
+            yield datas[0][i:i + n_batch]
+        else:
+            yield tuple(d[i:i + n_batch] for d in datas)
+
+
+class ResultLogger:
+    """JSON-lines log: the first line holds the run's arguments, then one line per `log` call,
+    flushed at once. With resume=True an existing log is kept and appended to."""
+
+    def __init__(self, path, *args, resume=False, keep_lines=None, **kwargs):
+        make_path(path)
+        if resume and os.path.exists(path):
+            if keep_lines is not None:  # drop lines written after the checkpoint being resumed
+                with open(path) as f:
+                    lines = f.readlines()[:keep_lines]
+                with open(path, "w") as f:
+                    f.writelines(lines)
+            self.f_log = open(path, "a")
+        else:
+            self.f_log = open(path, "w")
+            kwargs.setdefault("time", time.time())
+            self._write(kwargs)
+
+    def _write(self, record):
+        self.f_log.write(json.dumps(record) + "\n")
+        self.f_log.flush()
+
+    def log(self, **kwargs):
+        kwargs.setdefault("time", time.time())
+        self._write(kwargs)
+
+    def close(self):
+        self.f_log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
