@@ -195,10 +195,14 @@ _GOOD = (["happy", "glad", "proud", "excited", "thrilled"],
 _BAD = (["sad", "upset", "angry", "lonely", "scared"],
         ["{n} cried quietly on the way home.", "{n} yelled and slammed the door.", "{n} sighed and gave up.",
          "{n} decided it was the worst day ever.", "{n} sulked alone for hours."])
+_ODD = ["{n} flew to the moon on a silver spoon.", "{n} turned into a purple fish.", "{n} ate the whole station for lunch.",
+        "{n} married a cloud in the sky.", "{n} grew wings and became a clock."]
 
 
 def synthetic_story(rng):
-    """One story whose right ending matches the mood stated in its last sentence."""
+    """One story. The right ending matches the mood stated in the last sentence; the wrong ending
+    has the other mood (half the stories: telling needs the story) or is absurd (the other half,
+    as real ROCStories' wrong endings are often implausible on their own)."""
     name = rng.choice(_NAMES)
     good = rng.random() < 0.5
     moods, endings = _GOOD if good else _BAD
@@ -208,7 +212,8 @@ def synthetic_story(rng):
     sentences = [f"{filler}, so {name} walked to the {place}.", f"There {name} saw {thing} for sale.",
                  f"{name} thought about it for a long time before deciding what to do.",
                  f"In the end {name} felt very {rng.choice(moods)}."]
-    right, wrong = rng.choice(endings).format(n=name), rng.choice(other_endings).format(n=name)
+    wrong = rng.choice(other_endings if rng.random() < 0.5 else _ODD)
+    right, wrong = rng.choice(endings).format(n=name), wrong.format(n=name)
     label = 1 if rng.random() < 0.5 else 2
     ending1, ending2 = (right, wrong) if label == 1 else (wrong, right)
     return sentences, ending1, ending2, label

@@ -472,6 +472,23 @@ def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n
     return model
 
 
+def pretrained_sizes(path):
+    """(token rows, position rows) of the weights in `path`, read from their metadata only."""
+    shapes_file = os.path.join(path, "params_shapes.json")
+    config_file = os.path.join(path, "config.json")
+    if os.path.exists(shapes_file):
+        with open(shapes_file) as f:
+            shapes = json.load(f)
+        return int(shapes[1][0]), int(shapes[0][0])
+    if os.path.exists(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+        return int(config.get("vocab_size", N_VOCAB)), int(config.get("n_positions", 512))
+    if not os.path.isdir(path):
+        raise WeightsError(f"weights folder {path!r} does not exist. {WEIGHTS_HINT}")
+    raise WeightsError(f"{path!r} holds neither params_shapes.json nor config.json. {WEIGHTS_HINT}")
+
+
 def read_npy_header(f, file_name):
     """Check a shard's .npy header (1-D little-endian float32, C order); return its length."""
     try:

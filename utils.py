@@ -82,21 +82,24 @@ def iter_data(*datas, n_batch=128, truncate=False, verbose=False, max_batches=fl
 
 class ResultLogger:
     """JSON-lines log: the first line holds the run's arguments, then one line per `log` call,
-    flushed at once. With resume=True an existing log is kept and appended to."""
+    flushed at once. `ResultLogger.reopen` continues an existing log (resumed runs)."""
 
-    def __init__(self, path, *args, resume=False, keep_lines=None, **kwargs):
-        make_path(path)
-        if resume and os.path.exists(path):
-            if keep_lines is not None:  # drop lines written after the checkpoint being resumed
-                with open(path) as f:
-                    lines = f.readlines()[:keep_lines]
-                with open(path, "w") as f:
-                    f.writelines(lines)
-            self.f_log = open(path, "a")
-        else:
-            self.f_log = open(path, "w")
-            kwargs.setdefault("time", time.time())
-            self._write(kwargs)
+    def __init__(self, path, *args, **kwargs):
+        self.f_log = open(make_path(path), "w")
+        kwargs.setdefault("time", time.time())
+        self._write(kwargs)
+
+    @classmethod
+    def reopen(cls, path, keep_lines=None):
+        """Append to the log at `path`, first dropping any line after the first `keep_lines`."""
+        if keep_lines is not None:
+            with open(path) as f:
+                lines = f.readlines()[:keep_lines]
+            with open(path, "w") as f:
+                f.writelines(lines)
+        logger = cls.__new__(cls)
+        logger.f_log = open(path, "a")
+        return logger
 
     def _write(self, record):
         self.f_log.write(json.dumps(record) + "\n")

@@ -27,7 +27,7 @@ def test_result_logger(tmp_path):
         assert len(path.read_text().splitlines()) == 2  # flushed at once
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines[0]["lr"] == 0.1 and "time" in lines[0] and lines[1]["va_acc"] == 50.0
-    with ResultLogger(str(path), resume=True, keep_lines=1) as logger:
+    with ResultLogger.reopen(str(path), keep_lines=1) as logger:
         logger.log(n_epochs=2)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line.get("n_epochs") for line in lines] == [None, 2]
