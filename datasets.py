@@ -195,8 +195,8 @@ _GOOD = (["happy", "glad", "proud", "excited", "thrilled"],
 _BAD = (["sad", "upset", "angry", "lonely", "scared"],
         ["{n} cried quietly on the way home.", "{n} yelled and slammed the door.", "{n} sighed and gave up.",
          "{n} decided it was the worst day ever.", "{n} sulked alone for hours."])
-_ODD = ["{n} flew to the moon on a silver spoon.", "{n} turned into a purple fish.", "{n} ate the whole station for lunch.",
-        "{n} married a cloud in the sky.", "{n} grew wings and became a clock."]
+_ODD = ["{n} flew to the moon on a silver spoon.", "{n} turned into a purple fish.",
+        "{n} ate the whole station for lunch.", "{n} married a cloud in the sky.", "{n} grew wings and became a clock."]
 
 
 def synthetic_story(rng):
