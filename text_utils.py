@@ -2,8 +2,9 @@
 rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
 
 Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
-printable ASCII without '&'), the standardizing rules run as one pass each, spaCy tokenizes in
-batches, and each distinct word is turned into ids once.
+printable ASCII without '&'), the standardizing rules run as one pass each, spaCy runs in
+batches and hands over hashes instead of Token objects, and BPE runs in Hugging Face
+`tokenizers` (Rust) with the same merges, once per distinct word.
 """
 
 import json
@@ -11,6 +12,7 @@ import os
 import re
 
 import ftfy
+from spacy.attrs import ORTH
 from tqdm import tqdm
 
 # SPEC §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
@@ -48,11 +50,30 @@ def english_tokenizer():
     return English().tokenizer
 
 
+def spacy_docs(texts, nlp):
+    """spaCy Docs of the texts after ftfy and standardizing (SPEC §4 steps 1-3)."""
+    return nlp.pipe((text_standardize(fix_text(t)) for t in texts), batch_size=1000)
+
+
 def pre_tokenize(texts, nlp):
-    """spaCy token texts of each text after ftfy and standardizing (SPEC §4 steps 1-3)."""
-    cleaned = (text_standardize(fix_text(t)) for t in texts)
-    for doc in nlp.pipe(cleaned, batch_size=1000):
+    """spaCy token texts of each text (SPEC §4 steps 1-3)."""
+    for doc in spacy_docs(texts, nlp):
         yield [token.text for token in doc]
+
+
+def fast_bpe_model(encoder, bpe_ranks):
+    """The same merges in Hugging Face `tokenizers`' BPE (Rust), or None where it could differ.
+
+    It equals `TextEncoder.bpe` + `encoder.get(piece, 0)` when every merge and its result are in
+    the vocabulary (true of OpenAI's files and of `learn_bpe`'s) and id 0 is the unknown piece.
+    """
+    from tokenizers.models import BPE
+
+    merges = sorted(bpe_ranks, key=bpe_ranks.get)
+    unknown = next((piece for piece, i in encoder.items() if i == 0), None)
+    if unknown is None or not all(a in encoder and b in encoder and a + b in encoder for a, b in merges):
+        return None
+    return BPE(vocab=dict(encoder), merges=merges, unk_token=unknown, end_of_word_suffix="</w>")
 
 
 def _resolve(path, alternative):
@@ -118,8 +139,9 @@ class TextEncoder:
         self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
         self.bpe_ranks = load_merges(bpe_path)
         self.nlp = english_tokenizer()
+        self._fast_bpe = fast_bpe_model(self.encoder, self.bpe_ranks)
         self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
-        self._ids = {}  # spaCy token text -> ids
+        self._ids = {}  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
 
     # -- BPE (SPEC §4 step 4) --------------------------------------------------------------------
@@ -163,11 +185,17 @@ class TextEncoder:
         self.cache[token] = word
         return word
 
-    def _token_ids(self, text):
-        ids = self._ids.get(text)
+    def _token_ids(self, orth):
+        """Ids of one spaCy token, given by its ORTH hash (no Token object is built)."""
+        ids = self._ids.get(orth)
         if ids is None:
-            get = self.encoder.get
-            ids = self._ids[text] = [get(piece, 0) for piece in self.bpe(text.lower()).split(" ")]
+            word = self.nlp.vocab.strings[orth].lower()
+            if self._fast_bpe is not None and not any(c.isspace() for c in word):
+                ids = [t.id for t in self._fast_bpe.tokenize(word)]
+            else:  # whitespace tokens keep the original's exact (quirky) handling
+                get = self.encoder.get
+                ids = [get(piece, 0) for piece in self.bpe(word).split(" ")]
+            self._ids[orth] = ids
         return ids
 
     # -- public API -------------------------------------------------------------------------------
@@ -176,10 +204,12 @@ class TextEncoder:
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
         out = []
-        for words in tqdm(pre_tokenize(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
+        token_ids = self._token_ids
+        # Whole texts go to spaCy: its special cases can look across spaces ("'rset' 's':").
+        for doc in tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
             ids = []
-            for word in words:
-                ids.extend(self._token_ids(word))
+            for orth in doc.to_array(ORTH).tolist():
+                ids.extend(token_ids(orth))
             out.append(ids)
         return out
 

@@ -1,0 +1,394 @@
+"""One command for every speed and memory figure of the README, each next to a baseline run in the
+same process (alternating, several runs, median and min-max):
+
+    python bench/benchmark.py            # full-size model, about 10 minutes on 2 CPU cores
+    python bench/benchmark.py --quick    # small model, under a minute
+    python bench/benchmark.py --only encode,optimizer
+
+Baselines: Hugging Face `transformers`' OpenAI GPT classes holding the same weights, and this
+project's own code with its speed-ups turned off ("plain": no trimming, explicit attention, LM
+logits everywhere). Batches follow ROCStories' length mix (stories 35-55 tokens, endings 5-19).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.corpus import english_texts  # noqa: E402
+from datasets import synthetic_story  # noqa: E402
+from loss import MultipleChoiceLossCompute  # noqa: E402
+from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
+from opt import OpenAIAdam  # noqa: E402
+from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights  # noqa: E402
+from train import Runtime, predict_logits, train_update  # noqa: E402
+
+N_SPECIAL = 3
+SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
+    "full": (40478, 768, 12, 12),
+    "quick": (2000, 128, 4, 2),
+}
+ROWS = []
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing helpers
+# ------------------------------------------------------------------------------------------------
+
+def compare(name, unit, variants, repeats, work=1.0, note=""):
+    """Time each variant `repeats` times, alternating; record work/second (or seconds if work=None)."""
+    times = {label: [] for label in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for label, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    ours = next(iter(variants))
+    for label, ts in times.items():
+        values = [work / t for t in ts] if work else ts
+        ROWS.append(dict(section=name, variant=label, unit=unit, median=statistics.median(values),
+                         low=min(values), high=max(values), note=note,
+                         ratio=(statistics.median(times[label]) / statistics.median(times[ours])) if label != ours
+                         else None))
+
+
+def print_table():
+    print(f"\n{'section':<22} {'variant':<34} {'median':>12} {'min-max':>23}  {'ours is':>9}  unit")
+    for r in ROWS:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        print(f"{r['section']:<22} {r['variant']:<34} {r['median']:>12.4g} "
+              f"{r['low']:>11.4g}-{r['high']:<11.4g}  {ratio:>9}  {r['unit']} {r['note']}")
+    print("('ours is': how many times faster our variant is than that baseline; higher is better)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Realistic ROCStories-shaped batches
+# ------------------------------------------------------------------------------------------------
+
+def story_batch(n, n_vocab, n_ctx=77, seed=0):
+    """X [n, 2, n_ctx, 2], M, Y with stories of 35-55 tokens and endings of 5-19 (ROCStories' mix)."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, 2, n_ctx, 2), np.int64)
+    M = np.zeros((n, 2, n_ctx), np.float32)
+    start, delim, clf = n_vocab, n_vocab + 1, n_vocab + 2
+    for i in range(n):
+        story = list(rng.integers(0, n_vocab, rng.integers(35, 56)))
+        for j in range(2):
+            seq = [start] + story + [delim] + list(rng.integers(0, n_vocab, rng.integers(5, 20))) + [clf]
+            X[i, j, :len(seq), 0] = seq
+            M[i, j, :len(seq)] = 1
+    X[..., 1] = np.arange(n_vocab + N_SPECIAL, n_vocab + N_SPECIAL + n_ctx)
+    return X, M, rng.integers(0, 2, n)
+
+
+def hf_inputs(X, M, Y):
+    ids = torch.from_numpy(X[..., 0])
+    lengths = torch.from_numpy(M.sum(-1).astype(np.int64))
+    labels = ids.clone()
+    labels[torch.from_numpy(M) == 0] = -100
+    return dict(input_ids=ids, mc_token_ids=lengths - 1, labels=labels, mc_labels=torch.from_numpy(Y))
+
+
+def build_models(size, weights_dir):
+    """Ours (fast), ours (plain) and transformers' DoubleHeads model, all with the same weights."""
+    import transformers
+
+    n_vocab, n_embd, n_head, n_layer = size
+    models = {}
+    for plain in (False, True):
+        cfg = GPTConfig(n_embd=n_embd, n_head=n_head, n_layer=n_layer, fused_attention=not plain)
+        torch.manual_seed(0)
+        model = DoubleHeadModel(cfg, n_vocab + 2, "multiple_choice", vocab=n_vocab + N_SPECIAL + 77, n_ctx=77)
+        load_openai_pretrained_model(model, n_ctx=77, n_special=N_SPECIAL, n_transfer=n_layer, n_embd=n_embd,
+                                     path=os.path.join(weights_dir, "openai"))
+        models["plain" if plain else "ours"] = model
+    hf = transformers.OpenAIGPTDoubleHeadsModel.from_pretrained(os.path.join(weights_dir, "hf"))
+    hf.resize_token_embeddings(n_vocab + N_SPECIAL)
+    with torch.no_grad():  # the same special rows as ours
+        hf.transformer.tokens_embed.weight[n_vocab:] = models["ours"].transformer.embed.weight[n_vocab:n_vocab + 3]
+    models["hf"] = hf
+    return models
+
+
+def write_weights(size, directory):
+    n_vocab, n_embd, n_head, n_layer = size
+    arrays = random_openai_arrays(n_vocab=n_vocab, n_ctx=512, n_embd=n_embd, n_layer=n_layer, seed=0)
+    write_openai_weights(os.path.join(directory, "openai"), arrays)
+    write_hf_weights(os.path.join(directory, "hf"), arrays, n_head)
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+def bench_forward(size, weights_dir, repeats):
+    """Issue 2: forward at the ROCStories shape (8 stories x 2 choices x 77 tokens, all rows full)."""
+    import transformers
+
+    n_vocab, n_embd, n_head, n_layer = size
+    ours = TransformerModel(GPTConfig(n_embd=n_embd, n_head=n_head, n_layer=n_layer),
+                            vocab=n_vocab + N_SPECIAL + 77, n_ctx=77).eval()
+    load_openai_pretrained_model(ours, n_ctx=77, n_special=N_SPECIAL, n_transfer=n_layer, n_embd=n_embd,
+                                 path=os.path.join(weights_dir, "openai"))
+    hf = transformers.OpenAIGPTModel.from_pretrained(os.path.join(weights_dir, "hf")).eval()
+    X = torch.randint(0, n_vocab, (8, 2, 77, 2))
+    X[..., 1] = n_vocab + N_SPECIAL + torch.arange(77)
+    ids = X[..., 0].reshape(16, 77)
+    with torch.no_grad():
+        err = (ours(X) - hf(input_ids=ids).last_hidden_state).abs().max().item()
+        variants = {"ours": lambda: ours(X), "transformers OpenAIGPTModel": lambda: hf(input_ids=ids)}
+        compare("forward 8x2x77", "s", variants, repeats, work=None, note=f"(max |diff| of hidden states {err:.1e})")
+
+
+def bench_train_and_eval(models, size, repeats):
+    """Issue 6: a training step (forward, backward, optimizer) and an evaluation batch."""
+    n_vocab = size[0]
+    X, M, Y = story_batch(8, n_vocab, seed=1)
+    tokens = float(M.sum())
+    runtime = Runtime(torch.device("cpu"))
+    compute = MultipleChoiceLossCompute(lm_coef=0.5)
+    opts = {name: OpenAIAdam(m.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
+                             l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
+    hf = models["hf"]
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01)
+    batch = hf_inputs(X, M, Y)
+
+    def ours_step(name, plain):
+        args = Namespace(plain=plain, lm_coef=0.5, amp=None)
+        models[name].train()
+        return lambda: train_update(models[name], [(X, M, Y)], compute, opts[name], None, args, runtime)
+
+    def hf_step():
+        hf.train()
+        out = hf(**batch)
+        (out.mc_loss + 0.5 * out.loss).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+
+    compare("train step (tokens/s)", "real tokens/s",
+            {"ours": ours_step("ours", False), "transformers DoubleHeads+AdamW": hf_step,
+             "ours, plain": ours_step("plain", True)}, repeats, work=tokens,
+            note=f"({int(tokens)} real of {X.shape[0] * 2 * 77} tokens)")
+
+    def ours_eval(name, plain):
+        args = Namespace(plain=plain, amp=None, eval_batch=8, n_batch=8, n_gpu=1)
+        return lambda: predict_logits(models[name], X, M, args, runtime)
+
+    def hf_eval():
+        hf.eval()
+        with torch.no_grad():
+            hf(input_ids=batch["input_ids"], mc_token_ids=batch["mc_token_ids"])
+
+    compare("eval batch (tokens/s)", "real tokens/s",
+            {"ours": ours_eval("ours", False), "transformers DoubleHeads": hf_eval,
+             "ours, plain": ours_eval("plain", True)}, repeats, work=tokens)
+    with torch.no_grad():
+        a = predict_logits(models["ours"], X, M, Namespace(plain=False, amp=None, eval_batch=8), runtime)
+        b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=1), runtime)
+    print(f"eval logits, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
+
+
+def bench_updates(models, size, n_updates):
+    """Issue 5: n_updates full updates (4 towers x 8 stories), ours vs the plain loop, in one run."""
+    n_vocab = size[0]
+    runtime = Runtime(torch.device("cpu"))
+    compute = MultipleChoiceLossCompute(lm_coef=0.5)
+    batches = [story_batch(32, n_vocab, seed=100 + i) for i in range(n_updates)]
+    for name, plain in (("ours", False), ("plain", True)):
+        model = models[name].train()
+        opt = OpenAIAdam(model.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=1000,
+                         l2=0.01, max_grad_norm=1)
+        args = Namespace(plain=plain, lm_coef=0.5, amp=None)
+        t0 = time.perf_counter()
+        for X, M, Y in batches:
+            towers = [(X[k:k + 8], M[k:k + 8], Y[k:k + 8]) for k in range(0, 32, 8)]
+            train_update(model, towers, compute, opt, None, args, runtime)
+        ROWS.append(dict(section=f"{n_updates} updates x 32 stories", variant="ours" if not plain else "ours, plain",
+                         unit="s", median=time.perf_counter() - t0, low=float("nan"), high=float("nan"), note="",
+                         ratio=None))
+
+
+def bench_optimizer(size, repeats):
+    """Issue 4: one optimizer step over every parameter of the model, against torch's AdamW."""
+    n_vocab, n_embd, n_head, n_layer = size
+    model = DoubleHeadModel(GPTConfig(n_embd=n_embd, n_head=n_head, n_layer=n_layer), n_vocab + 2,
+                            "multiple_choice", vocab=n_vocab + N_SPECIAL + 77, n_ctx=77)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    ours = OpenAIAdam(params, lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6, l2=0.01,
+                      max_grad_norm=1)
+    adamw = torch.optim.AdamW(params, lr=6.25e-5, weight_decay=0.01, foreach=True)
+
+    def adamw_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        adamw.step()
+
+    n = sum(p.numel() for p in params)
+    compare("optimizer step", "s", {"ours (OpenAIAdam)": ours.step, "torch AdamW (foreach) + clip": adamw_step},
+            repeats, work=None, note=f"({n / 1e6:.1f}M parameters)")
+
+
+def bench_encode(repeats, n_stories):
+    """Issues 3 and 6: encoding throughput on one corpus, a fresh encoder (cold caches) each run,
+    built outside the timed part."""
+    shared = os.path.join(os.path.dirname(ROOT), "shared", "openai-gpt")
+    enc_path, bpe_path = os.path.join(shared, "encoder_bpe_40000.json"), os.path.join(shared, "vocab_40000.bpe")
+    if not os.path.exists(enc_path):
+        print("encode: ../shared/openai-gpt is absent, skipped")
+        return
+    rng = __import__("random").Random(0)
+    stories = [synthetic_story(rng) for _ in range(n_stories)]
+    corpora = {"docs": english_texts(),
+               "docs+stories": english_texts() + [t for s, e1, e2, _ in stories for t in (" ".join(s), e1, e2)]}
+    for name, texts in corpora.items():
+        bench_encode_corpus(f"encode {name}", texts, repeats, enc_path, bpe_path)
+
+
+def bench_encode_corpus(section, texts, repeats, enc_path, bpe_path):
+    import transformers
+
+    from text_utils import TextEncoder
+
+    n_tokens = sum(len(x) for x in TextEncoder(enc_path, bpe_path).encode(texts, verbose=False))
+    ours_pool = [TextEncoder(enc_path, bpe_path) for _ in range(repeats + 1)]
+    ref_pool = [transformers.OpenAIGPTTokenizer(enc_path, bpe_path) for _ in range(repeats + 1)]
+
+    def ours():
+        ours_pool.pop().encode(texts, verbose=False)
+
+    def reference():
+        tok = ref_pool.pop()
+        [tok.convert_tokens_to_ids(tok._tokenize(t)) for t in texts]
+
+    compare(section, "texts/s", {"ours": ours, "transformers 4.57 slow tokenizer": reference}, repeats,
+            work=len(texts), note=f"({len(texts)} texts, {n_tokens} tokens)")
+    for r in [r for r in ROWS if r["section"] == section]:
+        scale = n_tokens / len(texts)
+        ROWS.append(dict(r, section=f"{section} (tokens)", unit="tokens/s", median=r["median"] * scale,
+                         low=r["low"] * scale, high=r["high"] * scale, note=""))
+
+
+LOAD_WORKER = r"""
+import json, resource, sys, time, os
+sys.path.insert(0, sys.argv[3])
+import numpy as np, torch, json as _json
+mode, path = sys.argv[1], sys.argv[2]
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+from model_pytorch import TransformerModel, GPTConfig, load_openai_pretrained_model
+base = rss_mb()
+t0 = time.perf_counter()
+if mode == "read":
+    arrays = [np.load(os.path.join(path, f"params_{i}.npy")) for i in range(10)]
+elif mode == "ours":
+    model = TransformerModel(GPTConfig(), vocab=40478 + 512, n_ctx=512)
+    t0 = time.perf_counter()
+    load_openai_pretrained_model(model, path=path)
+elif mode == "original":
+    model = TransformerModel(GPTConfig(), vocab=40478 + 512, n_ctx=512)
+    t0 = time.perf_counter()
+    shapes = _json.load(open(os.path.join(path, "params_shapes.json")))
+    offsets = np.cumsum([np.prod(s) for s in shapes])
+    params = [np.load(os.path.join(path, f"params_{i}.npy")) for i in range(10)]
+    params = np.split(np.concatenate(params, 0), offsets)[:-1]
+    params = [p.reshape(s) for p, s in zip(params, shapes)]
+    params[0] = np.concatenate([params[1], params[0]], 0)
+    del params[1]
+    targets = [model.embed.weight] + [p for b in model.h for p in b.parameters()]
+    with torch.no_grad():
+        for t, p in zip(targets, params):
+            t.copy_(torch.from_numpy(p.reshape(t.shape)))
+elapsed = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(dict(seconds=elapsed, peak_mb=peak - base)))
+"""
+
+
+def bench_load(weights_dir, repeats):
+    """Issue 6: loading the full-size shards: time and peak memory, in fresh processes."""
+    path = os.path.join(weights_dir, "openai")
+    weights_mb = sum(os.path.getsize(os.path.join(path, f"params_{i}.npy")) for i in range(10)) / 2 ** 20
+    results = {m: [] for m in ("ours", "read", "original")}
+    for _ in range(repeats + 1):
+        for mode in results:
+            out = subprocess.run([sys.executable, "-c", LOAD_WORKER, mode, path, ROOT], capture_output=True,
+                                 text=True, check=True)
+            results[mode].append(json.loads(out.stdout))
+    labels = {"ours": "ours", "read": "np.load of the 10 files", "original": "original (concatenate + split)"}
+    ours_t = statistics.median(r["seconds"] for r in results["ours"][1:])
+    for mode, runs in results.items():
+        runs = runs[1:]  # the first round warms the page cache
+        secs = [r["seconds"] for r in runs]
+        peaks = [r["peak_mb"] / weights_mb for r in runs]
+        ROWS.append(dict(section="load weights (time)", variant=labels[mode], unit="s", median=statistics.median(secs),
+                         low=min(secs), high=max(secs), note="", ratio=statistics.median(secs) / ours_t
+                         if mode != "ours" else None))
+        ROWS.append(dict(section="load weights (memory)", variant=labels[mode], unit="x weights' size",
+                         median=statistics.median(peaks), low=min(peaks), high=max(peaks),
+                         note=f"(peak RSS growth; weights {weights_mb:.0f} MB; model built inside for ours and "
+                              "original)", ratio=None))
+
+
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model, under a minute")
+    parser.add_argument("--only", default="forward,train,optimizer,encode,load",
+                        help="comma-separated sections: forward,train,updates,optimizer,encode,load")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
+    parser.add_argument("--json", help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    repeats = args.repeats or (3 if args.quick else 5)
+    sections = set(args.only.split(","))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}; "
+          f"model {'quick' if args.quick else 'full'} {size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_weights(size, tmp)
+        if "forward" in sections:
+            bench_forward(size, tmp, repeats)
+        if sections & {"train", "updates"}:
+            models = build_models(size, tmp)
+            if "train" in sections:
+                bench_train_and_eval(models, size, repeats)
+            if "updates" in sections:
+                bench_updates(models, size, args.updates)
+            del models
+        if "optimizer" in sections:
+            bench_optimizer(size, repeats)
+        if "encode" in sections:
+            bench_encode(repeats, 300 if args.quick else 2500)
+        if "load" in sections:
+            if args.quick:
+                print("load: measured at full size only (skipped with --quick)")
+            else:
+                bench_load(tmp, repeats)
+    print_table()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ROWS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
