@@ -140,9 +140,13 @@ class Attention(nn.Module):
         state_dict.pop(prefix + "b", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    def forward(self, x, layout=None):
+        qkv = self.c_attn(x)
+        if layout is not None:  # x holds the real tokens only: lay them out as sequences again
+            qkv = layout.unpack(qkv)
+        B, T, _ = qkv.shape
+        C = self.n_embd
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.fused:
             p = self.attn_pdrop if self.training else 0.0
@@ -150,6 +154,8 @@ class Attention(nn.Module):
         else:
             a = explicit_causal_attention(q, k, v, self.attn_dropout)
         a = a.transpose(1, 2).reshape(B, T, C)
+        if layout is not None:
+            a = layout.pack(a)
         return self.resid_dropout(self.c_proj(a))
 
 
@@ -177,9 +183,38 @@ class Block(nn.Module):
         self.mlp = MLP(4 * nx, cfg)
         self.ln_2 = LayerNorm(nx)
 
-    def forward(self, x):
-        n = self.ln_1(x + self.attn(x))
+    def forward(self, x, layout=None):
+        n = self.ln_1(x + self.attn(x, layout))
         return self.ln_2(n + self.mlp(n))
+
+
+class PaddingLayout:
+    """Where the real tokens of a padded [N, T] batch are, to run position-wise layers on them alone.
+
+    Exact for masks that are a prefix of ones per sequence (padding only after the real tokens):
+    with causal attention no real token ever sees a padded one.
+    """
+
+    def __init__(self, keep):
+        self.n_seq, self.n_ctx = keep.shape
+        self.index = keep.reshape(-1).nonzero().squeeze(1)
+
+    @staticmethod
+    def from_mask(mask, n_seq, n_ctx):
+        """A layout, or None where skipping padding saves nothing or would not be exact."""
+        keep = mask.reshape(n_seq, n_ctx) > 0
+        if bool(keep.all()) or not bool((keep[:, 1:] <= keep[:, :-1]).all()):
+            return None
+        return PaddingLayout(keep)
+
+    def pack(self, x):
+        """[N, T, C] -> [n_real, C]"""
+        return x.reshape(-1, x.size(-1)).index_select(0, self.index)
+
+    def unpack(self, x):
+        """[n_real, C] -> [N, T, C], zeros at the padding."""
+        out = x.new_zeros(self.n_seq * self.n_ctx, x.size(-1)).index_copy(0, self.index, x)
+        return out.view(self.n_seq, self.n_ctx, x.size(-1))
 
 
 class TransformerModel(nn.Module):
@@ -187,6 +222,8 @@ class TransformerModel(nn.Module):
 
     Input x: ids of shape [..., T, 2], [..., 0] the token and [..., 1] the position row.
     Returns hidden states of shape [N, T, n_embd] with N the product of the leading axes.
+    With `mask` (M, [..., T], ones on real tokens, padding after them) the position-wise layers
+    skip the padding; hidden states there are then 0, those of real tokens are unchanged.
     """
 
     def __init__(self, cfg=DEFAULT_CONFIG, vocab=40990, n_ctx=512):
@@ -207,16 +244,19 @@ class TransformerModel(nn.Module):
         """
         return self.drop(self.embed.weight)
 
-    def forward(self, x, we=None):
+    def forward(self, x, we=None, mask=None):
         if we is None:
             we = self.embedding_matrix()
         x = x.reshape(-1, x.size(-2), x.size(-1))
         if x.size(1) > self.n_ctx:
             raise ValueError(f"input has {x.size(1)} positions but the model was built with n_ctx={self.n_ctx}")
+        layout = None if mask is None else PaddingLayout.from_mask(mask, x.size(0), x.size(1))
+        if layout is not None:
+            x = x.reshape(-1, 2).index_select(0, layout.index)
         h = F.embedding(x[..., 0], we) + F.embedding(x[..., 1], we)
         for block in self.h:
-            h = block(h)
-        return h
+            h = block(h, layout)
+        return h if layout is None else layout.unpack(h)
 
 
 class LMHead(nn.Module):
@@ -340,12 +380,14 @@ class DoubleHeadModel(nn.Module):
         self.lm_head = LMHead(self.transformer, cfg)
         self.task_head = make_task_head(task_head_type, clf_token, self.transformer.cfg)
 
-    def forward(self, x, lm_mask=None, compute_lm=True):
-        """lm_mask: the mask M; restricts LM logits to positions a loss uses (see LMHead).
-        compute_lm=False skips the LM logits entirely (evaluation) and returns None for them."""
+    def forward(self, x, mask=None, compute_lm=True):
+        """mask: the mask M ([..., T], ones on real tokens). With it, padding is skipped and LM
+        logits are computed only at the positions a loss uses (see LMHead); without it, the TF
+        code's computation over every position. compute_lm=False skips the LM logits entirely
+        (evaluation) and returns None for them."""
         we = self.transformer.embedding_matrix()
-        h = self.transformer(x, we)
-        lm_logits = self.lm_head(h, we, mask=lm_mask) if compute_lm else None
+        h = self.transformer(x, we, mask=mask)
+        lm_logits = self.lm_head(h, we, mask=mask) if compute_lm else None
         return lm_logits, self.task_head(h, x)
 
 

@@ -104,21 +104,21 @@ class OpenAIAdam(Optimizer):
         return loss
 
     def _update(self, group, params, lrt):
-        """Steps 3-4 of SPEC §3 with multi-tensor kernels: no Python loop of small ops per tensor."""
+        """Steps 3-4 of SPEC §3 with multi-tensor kernels: no Python loop of small ops per tensor.
+
+        p - lrt * (m / (sqrt(v) + e) + l2 * p) is computed as p * (1 - lrt * l2) - lrt * m / (...):
+        the same value, in two passes over p and no temporary the size of the model."""
         b1, b2, e, l2 = group["b1"], group["b2"], group["e"], group["l2"]
         grads = [p.grad for p in params]
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        torch._foreach_mul_(exp_avgs, b1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - b1)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - b1)  # m = b1 m + (1 - b1) g
         torch._foreach_mul_(exp_avg_sqs, b2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - b2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denom, e)
-        updates = torch._foreach_div(exp_avgs, denom)  # m / (sqrt(v) + e)
-        del denom
-        if l2 > 0:
-            decayed = [i for i, p in enumerate(params) if p.dim() > 1 or group["vector_l2"]]
-            if decayed:  # + l2 * p, with p before this update
-                torch._foreach_add_([updates[i] for i in decayed], [params[i] for i in decayed], alpha=l2)
-        torch._foreach_add_(params, updates, alpha=-lrt)
+        if l2 > 0:  # - lrt * l2 * p, with p before this update
+            decayed = [p for p in params if p.dim() > 1 or group["vector_l2"]]
+            if decayed:
+                torch._foreach_mul_(decayed, 1 - lrt * l2)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lrt)  # - lrt * m / (sqrt(v) + e)

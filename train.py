@@ -348,7 +348,7 @@ def train_update(model, towers, compute, opt, scaler, args, runtime):
         sync = contextlib.nullcontext() if last or runtime.world == 1 else model.no_sync()
         with sync:
             with autocast(args, runtime):
-                lm_logits, clf_logits = model(X, lm_mask=None if args.plain else M, compute_lm=args.lm_coef > 0)
+                lm_logits, clf_logits = model(X, mask=None if args.plain else M, compute_lm=args.lm_coef > 0)
             clf, lm = compute.losses(X, Y, M, clf_logits.float(), None if lm_logits is None else lm_logits.float())
             loss = compute.objective(clf, lm) / len(towers)
             (scaler.scale(loss) if scaler else loss).backward()
@@ -378,7 +378,8 @@ def predict_logits(model, X, M, args, runtime):
     for idx in iter_data(order, n_batch=batch):
         xmb, mmb = (X[idx], M[idx]) if args.plain else trim(X[idx], M[idx])
         with autocast(args, runtime):
-            _, clf_logits = model(to_device(xmb, runtime), compute_lm=args.plain)
+            mask = None if args.plain else to_device(mmb, runtime)
+            _, clf_logits = model(to_device(xmb, runtime), mask=mask, compute_lm=args.plain)
         logits[idx] = clf_logits.float().cpu().numpy()
     model.train()
     return logits

@@ -286,15 +286,15 @@ def bench_encode_corpus(section, texts, repeats, enc_path, bpe_path):
 
 
 LOAD_WORKER = r"""
-import json, resource, sys, time, os
+import json, sys, time, os
 sys.path.insert(0, sys.argv[3])
 import numpy as np, torch, json as _json
 mode, path = sys.argv[1], sys.argv[2]
-def rss_mb():
+def status_mb(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
 from model_pytorch import TransformerModel, GPTConfig, load_openai_pretrained_model
-base = rss_mb()
+base = status_mb("VmRSS:")
 t0 = time.perf_counter()
 if mode == "read":
     arrays = [np.load(os.path.join(path, f"params_{i}.npy")) for i in range(10)]
@@ -317,7 +317,7 @@ elif mode == "original":
         for t, p in zip(targets, params):
             t.copy_(torch.from_numpy(p.reshape(t.shape)))
 elapsed = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM:")  # this process's high-water mark (ru_maxrss would include the parent's)
 print(json.dumps(dict(seconds=elapsed, peak_mb=peak - base)))
 """
 

@@ -84,7 +84,7 @@ def update_once(micro_batches, n_accumulate):
                      l2=0.01, max_grad_norm=1)
     compute = MultipleChoiceLossCompute(lm_coef=0.5, opt=opt, n_accumulate=n_accumulate)
     for X, Y, M in micro_batches:
-        lm_logits, clf_logits = model(X, lm_mask=M)
+        lm_logits, clf_logits = model(X, mask=M)
         compute(X, Y, M, clf_logits, lm_logits)
     return model, opt.seen_grads
 

@@ -274,10 +274,29 @@ def test_lm_logits_restricted_to_masked_positions():
     mask[..., :7] = 1
     mask[1, 0, :9] = 1
     full, clf_a = model(x)
-    part, clf_b = model(x, lm_mask=mask)
+    part, clf_b = model(x, mask=mask)
     keep = mask.view(-1, 10)[:, 1:].reshape(-1).bool()
-    assert torch.equal(part, full[keep]) and torch.equal(clf_a, clf_b)
+    torch.testing.assert_close(part, full[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clf_a, clf_b, atol=1e-5, rtol=1e-5)
     assert model(x, compute_lm=False)[0] is None
+
+
+def test_skipping_padding_leaves_real_tokens_unchanged():
+    model = tiny_model().eval()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 12, (6, 12))
+    lengths = torch.tensor([12, 3, 7, 1, 9, 12])
+    mask = (torch.arange(12) < lengths.unsqueeze(1)).float()
+    with torch.no_grad():
+        full, packed = model(x), model(x, mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(packed[real], full[real], atol=1e-5, rtol=1e-5)
+    assert (packed[~real] == 0).all()
+    layout = mp.PaddingLayout.from_mask(mask, 6, 12)
+    assert layout.index.numel() == int(lengths.sum())
+    holes = mask.clone()
+    holes[0, 4] = 0  # not a prefix: skipping would change what later tokens attend to
+    assert mp.PaddingLayout.from_mask(holes, 6, 12) is None
+    assert mp.PaddingLayout.from_mask(torch.ones(6, 12), 6, 12) is None
 
 
 def test_embedding_dropout_is_on_the_matrix_shared_with_the_lm_head():
