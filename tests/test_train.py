@@ -225,3 +225,44 @@ def test_demo_from_the_readme(tmp_path):
     print(f"demo: valid {valid}, test {test}; {took}")
     assert valid > 70 and test > 70
     assert os.path.exists(tmp_path / "data" / ROC_TEST) and os.path.exists(tmp_path / "model" / "params_9.npy")
+
+
+def test_sigterm_saves_a_resumable_checkpoint(setup, tmp_path):
+    import signal
+    import time
+
+    argv = arguments(setup, tmp_path)
+    argv[argv.index("--n_iter") + 1] = "400"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log" / "run.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "continue with --resume" in out
+    ckpt = final_state(tmp_path)
+    assert 0 < ckpt["n_updates"] < 400 * 5
+    assert ckpt["log_lines"] == len(log.read_text().splitlines())
+
+
+def test_bf16_autocast_runs_on_cpu(setup, tmp_path):
+    assert train.main(arguments(setup, tmp_path, "--amp", "bf16")) == 0
+    assert all(np.isfinite(p["va_cost"]) for p in read_log(tmp_path)[1:])
+
+
+def test_fast_evaluation_equals_the_plain_path(setup):
+    args = train.parse_args(arguments(setup, setup))
+    encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
+    data, specials, n_ctx = train.load_rocstories(args, encoder)
+    from model_pytorch import DoubleHeadModel, GPTConfig
+    torch.manual_seed(0)
+    model = DoubleHeadModel(GPTConfig(n_embd=32, n_head=4, n_layer=2), specials.clf_token, "multiple_choice",
+                            vocab=specials.n_vocab + 3 + n_ctx, n_ctx=n_ctx)
+    runtime = train.Runtime(torch.device("cpu"))
+    fast = train.predict_logits(model, *data["test"], args, runtime)
+    args.plain = True
+    plain = train.predict_logits(model, *data["test"], args, runtime)
+    assert np.abs(fast - plain).max() <= 1e-5
