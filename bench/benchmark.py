@@ -164,6 +164,9 @@ def bench_train_and_eval(models, size, repeats):
     compute = MultipleChoiceLossCompute(lm_coef=0.5)
     opts = {name: OpenAIAdam(m.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
                              l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
+    a = predict_logits(models["ours"], X, M, Namespace(plain=False, amp=None, eval_batch=8), runtime)
+    b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=1), runtime)
+    print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
     hf = models["hf"]
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01)
     batch = hf_inputs(X, M, Y)
@@ -198,10 +201,6 @@ def bench_train_and_eval(models, size, repeats):
     compare("eval batch (tokens/s)", "real tokens/s",
             {"ours": ours_eval("ours", False), "transformers DoubleHeads": hf_eval,
              "ours, plain": ours_eval("plain", True)}, repeats, work=tokens)
-    with torch.no_grad():
-        a = predict_logits(models["ours"], X, M, Namespace(plain=False, amp=None, eval_batch=8), runtime)
-        b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=1), runtime)
-    print(f"eval logits, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
 
 
 def bench_updates(models, size, n_updates):
