@@ -75,6 +75,16 @@ def print_table():
     print("('ours is': how many times faster our variant is than that baseline; higher is better)")
 
 
+def markdown_table(rows):
+    """The rows as the README's results table."""
+    lines = ["| measure | variant | median | min-max | ours is |", "| --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        spread = "" if r["low"] != r["low"] else f"{r['low']:.4g}-{r['high']:.4g}"  # NaN: one run
+        lines.append(f"| {r['section']} ({r['unit']}) | {r['variant']} | {r['median']:.4g} | {spread} | {ratio} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Realistic ROCStories-shaped batches
 # ------------------------------------------------------------------------------------------------
@@ -356,7 +366,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--markdown", nargs="*", metavar="JSON",
+                        help="print the rows of earlier --json files as a Markdown table, and exit")
     args = parser.parse_args(argv)
+    if args.markdown:
+        rows = [row for path in args.markdown for row in json.load(open(path))]
+        print(markdown_table(rows))
+        return
     size = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or (3 if args.quick else 5)
     sections = set(args.only.split(","))
