@@ -336,17 +336,12 @@ class ClfHead(nn.Module):
         return self.linear(self.dropout(pool_classify_states(h, x, self.clf_token)))
 
 
-class SimilarityHead(nn.Module):
+class SimilarityHead(ClfHead):
     """The paper's similarity head: x holds both orderings of a pair, x[:, 0] and x[:, 1]; their
     `_classify_` states are added, then one linear layer gives a score per pair."""
 
     def __init__(self, clf_token, cfg, n_out=1):
-        super().__init__()
-        cfg = make_config(cfg)
-        self.clf_token = clf_token
-        self.dropout = nn.Dropout(cfg.clf_pdrop)
-        self.linear = nn.Linear(cfg.n_embd, n_out)
-        _init_linear(self.linear)
+        super().__init__(clf_token, cfg, n_out)
 
     def forward(self, h, x):
         if x.dim() != 4 or x.size(1) != 2:
