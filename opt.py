@@ -44,8 +44,8 @@ class OpenAIAdam(Optimizer):
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if schedule not in SCHEDULES:
             raise ValueError(f"invalid schedule {schedule!r}: expected one of {sorted(SCHEDULES)}")
-        if not 0.0 < warmup <= 1.0:
-            raise ValueError(f"invalid warmup={warmup}: the warm-up fraction must be in (0, 1]")
+        if not 0.0 <= warmup <= 1.0:
+            raise ValueError(f"invalid warmup={warmup}: the warm-up fraction must be in [0, 1]")
         if not t_total >= 1:
             raise ValueError(f"invalid t_total={t_total}: the number of updates must be >= 1")
         if not 0.0 <= b1 < 1.0:

@@ -154,6 +154,14 @@ def test_first_update_uses_the_incremented_step():
     assert opt.current_lr() == pytest.approx(expected, rel=1e-12)
 
 
+def test_zero_warmup_means_no_warmup():
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = OpenAIAdam([p], lr=1.0, schedule="warmup_constant", warmup=0, t_total=10)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert opt.current_lr() == pytest.approx(math.sqrt(1 - 0.999) / (1 - 0.9))
+
+
 def test_no_decay_on_vectors_without_vector_l2():
     bias = torch.nn.Parameter(torch.ones(3))
     weight = torch.nn.Parameter(torch.ones(2, 3))
@@ -168,7 +176,8 @@ def test_no_decay_on_vectors_without_vector_l2():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=-1.0), "learning rate"),
     (dict(schedule="warmup_exp"), "invalid schedule"),
-    (dict(warmup=0.0), "warmup"),
+    (dict(warmup=-0.1), "warmup"),
+    (dict(warmup=1.5), "warmup"),
     (dict(t_total=0), "t_total"),
     (dict(b1=1.0), "b1"),
     (dict(b2=-0.1), "b2"),
