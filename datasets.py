@@ -70,8 +70,8 @@ def _label(path, line_no, value, allowed):
 def _rocstories(path, labelled=True):
     """Stories (four sentences joined by spaces), endings 1 and 2, labels (right ending - 1).
 
-    With labelled=False (the test file) a file without the label column is accepted too; its
-    labels are then None.
+    With labelled=False (the test file) a file without the label column, or with empty labels,
+    is accepted too; its labels are then None.
     """
     header, rows = read_csv_rows(path)
     allowed = (ROC_COLUMNS,) if labelled else (ROC_COLUMNS, ROC_COLUMNS - 1)
@@ -82,17 +82,17 @@ def _rocstories(path, labelled=True):
     stories, endings1, endings2, labels = [], [], [], []
     for line_no, row in rows:
         row = _trim(row)
-        if len(row) != n_columns:
+        unlabelled_row = not labelled and n_columns == ROC_COLUMNS and len(row) == ROC_COLUMNS - 1
+        if len(row) != n_columns and not unlabelled_row:
             raise DataError(f"{path}, line {line_no}: expected {n_columns} columns, found {len(row)}")
         sentences = [_nonempty(path, line_no, s, f"sentence {i + 1}") for i, s in enumerate(row[1:5])]
         stories.append(" ".join(sentences))
         endings1.append(_nonempty(path, line_no, row[5], "ending 1"))
         endings2.append(_nonempty(path, line_no, row[6], "ending 2"))
-        if n_columns == ROC_COLUMNS:
-            labels.append(_label(path, line_no, row[7], ["1", "2"]))
+        labels.append(_label(path, line_no, row[7], ["1", "2"]) if len(row) == ROC_COLUMNS else None)
     if not stories:
         raise DataError(f"{path}: no stories after the header")
-    return stories, endings1, endings2, (labels if n_columns == ROC_COLUMNS else None)
+    return stories, endings1, endings2, (None if None in labels else labels)
 
 
 def _require_files(data_dir, names, hint):

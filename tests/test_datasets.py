@@ -84,6 +84,9 @@ def test_test_file_without_labels(tmp_path):
     write_rows(tmp_path / ROC_TEST, [story_row(i)[:7] for i in range(3)], header=ROC_HEADER[:7])
     assert len(rocstories(tmp_path, n_valid=2)[2][0]) == 3
     assert rocstories_test_labels(tmp_path) is None
+    write_rows(tmp_path / ROC_TEST, [story_row(i, label="") for i in range(3)])  # blind labels
+    assert len(rocstories(tmp_path, n_valid=2)[2][0]) == 3
+    assert rocstories_test_labels(tmp_path) is None
 
 
 @pytest.mark.parametrize("mutate, match", [
