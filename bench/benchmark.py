@@ -77,11 +77,11 @@ def print_table():
 
 def markdown_table(rows):
     """The rows as the README's results table."""
-    lines = ["| measure | variant | median | min-max | ours is |", "| --- | --- | ---: | ---: | ---: |"]
+    lines = ["| measure | variant | median | min-max | unit | ours is |", "| --- | --- | ---: | ---: | --- | ---: |"]
     for r in rows:
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
+        ratio = f"**{r['ratio']:.2f}x**" if r["ratio"] else ""
         spread = "" if r["low"] != r["low"] else f"{r['low']:.4g}-{r['high']:.4g}"  # NaN: one run
-        lines.append(f"| {r['section']} ({r['unit']}) | {r['variant']} | {r['median']:.4g} | {spread} | {ratio} |")
+        lines.append(f"| {r['section']} | {r['variant']} | {r['median']:.4g} | {spread} | {r['unit']} | {ratio} |")
     return "\n".join(lines)
 
 
