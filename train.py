@@ -265,11 +265,15 @@ def load_best_params(model, path):
     load_model(model, path)
 
 
+def numpy_rng_state(rng):
+    """A RandomState's state as tensors and numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, cached = rng.get_state()
+    return dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                cached=float(cached))
+
+
 def rng_state(shuffle_rng):
-    name, keys, pos, has_gauss, cached = shuffle_rng.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=dict(keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
-                            cached=float(cached)))
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_rng_state(shuffle_rng))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -526,7 +530,7 @@ def run(args, runtime):
         with StopRequest() as stop:
             while progress.n_epochs < args.n_iter:
                 if progress.update_in_epoch == 0:
-                    progress.epoch_rng = rng_state(shuffle_rng)["numpy"]
+                    progress.epoch_rng = numpy_rng_state(shuffle_rng)
                 else:  # resuming inside an epoch: shuffle again from its start
                     shuffle_rng.set_state(numpy_state(progress.epoch_rng))
                 trX, trM, trY = shuffle(*data["train"], random_state=shuffle_rng)
