@@ -250,6 +250,9 @@ class TransformerModel(nn.Module):
         x = x.reshape(-1, x.size(-2), x.size(-1))
         if x.size(1) > self.n_ctx:
             raise ValueError(f"input has {x.size(1)} positions but the model was built with n_ctx={self.n_ctx}")
+        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < we.size(0):
+            raise ValueError(f"input ids range over {int(x.min())} ... {int(x.max())} but the embedding has "
+                             f"{we.size(0)} rows (vocab = n_vocab + n_special + n_ctx)")
         layout = None if mask is None else PaddingLayout.from_mask(mask, x.size(0), x.size(1))
         if layout is not None:
             x = x.reshape(-1, 2).index_select(0, layout.index)

@@ -388,6 +388,14 @@ def test_input_longer_than_n_ctx_is_a_clear_error():
         model(x)
 
 
+def test_ids_outside_the_embedding_are_a_clear_error():
+    model = tiny_model()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 16, (1, 4))
+    x[0, 2, 0] = model.vocab
+    with pytest.raises(ValueError, match=r"input ids range over \d+ \.\.\. 79 but the embedding has 79 rows"):
+        model(x)
+
+
 def test_lm_model_probs_never_predict_positions():
     model = LMModel(tiny_config(), vocab=79, n_ctx=16, return_probs=True).eval()
     probs = model(make_inputs(60, 3, 16, (2, 5)))
