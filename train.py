@@ -505,6 +505,8 @@ def run(args, runtime):
                             ckpt["epoch_rng"])
         restore_rng(ckpt["rng"])
         shuffle_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
+        if runtime.world > 1:  # the checkpoint holds rank 0's dropout generator: one stream per rank again
+            torch.manual_seed(args.seed + runtime.rank + 1_000_003 * progress.n_updates)
     train_model = model
     if runtime.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
