@@ -569,6 +569,7 @@ def run(args, runtime):
             if stop.requested:
                 if runtime.main and progress.update_in_epoch:  # (at an epoch's end it is saved already)
                     save_checkpoint(ckpt_path, model, opt, progress, count_lines(log_path), args, shuffle_rng)
+                if runtime.main:
                     tqdm.write(f"stopped after {progress.n_updates} updates; continue with --resume "
                                f"(checkpoint: {ckpt_path})")
                 return 130
