@@ -169,3 +169,14 @@ def test_learn_bpe_writes_the_original_format(tmp_path):
     assert enc.decode(ids) == "the cat sat on the log !"
     assert TextEncoder(str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe")).encode(corpus[:3], False) == \
         enc.encode(corpus[:3], False)
+
+
+@real_vocab
+def test_rust_bpe_equals_the_original_bpe_on_every_vocabulary_word(ours):
+    assert ours._fast_bpe is not None
+    words = [w[:-4] if w.endswith("</w>") else w for w in ours.encoder if w != "\n</w>"]
+    words += ["a😀b", "zzzzqx", "ééé", "aaaa", "n't", "'s", "1,000", "x" * 40]
+    fast = [[t.id for t in ours._fast_bpe.tokenize(w)] for w in words]
+    slow = [[ours.encoder.get(piece, 0) for piece in ours.bpe(w).split(" ")] for w in words]
+    assert len(words) > 40000
+    assert [w for w, a, b in zip(words, fast, slow) if a != b] == []
