@@ -250,9 +250,12 @@ class TransformerModel(nn.Module):
         x = x.reshape(-1, x.size(-2), x.size(-1))
         if x.size(1) > self.n_ctx:
             raise ValueError(f"input has {x.size(1)} positions but the model was built with n_ctx={self.n_ctx}")
-        if x.numel() and not 0 <= int(x.min()) <= int(x.max()) < we.size(0):
-            raise ValueError(f"input ids range over {int(x.min())} ... {int(x.max())} but the embedding has "
-                             f"{we.size(0)} rows (vocab = n_vocab + n_special + n_ctx)")
+        if x.numel():
+            low, high = torch.aminmax(x)  # one pass, one device sync
+            low, high = int(low), int(high)
+            if low < 0 or high >= we.size(0):
+                raise ValueError(f"input ids range over {low} ... {high} but the embedding has {we.size(0)} rows "
+                                 "(vocab = n_vocab + n_special + n_ctx)")
         layout = None if mask is None else PaddingLayout.from_mask(mask, x.size(0), x.size(1))
         if layout is not None:
             x = x.reshape(-1, 2).index_select(0, layout.index)
@@ -496,37 +499,38 @@ def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n
     body = _body(model)
     if body.cfg.n_embd != n_embd:
         raise WeightsError(f"n_embd={n_embd} was asked for but the model has n_embd={body.cfg.n_embd}")
-    if not os.path.isdir(path):
-        raise WeightsError(f"weights folder {path!r} does not exist. {WEIGHTS_HINT}")
-    if os.path.exists(os.path.join(path, "params_shapes.json")):
+    if weights_format(path) == "openai":
         _load_openai_shards(body, path, n_ctx, n_special, n_transfer)
-    elif os.path.exists(os.path.join(path, "config.json")):
-        _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer)
     else:
-        raise WeightsError(
-            f"{path!r} holds neither params_shapes.json (OpenAI shards) nor config.json (Hugging Face "
-            f"format). {WEIGHTS_HINT}"
-        )
+        _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer)
     if verbose:
         print(f"loaded pre-trained weights from {path} (n_transfer={n_transfer})")
     return model
 
 
-def pretrained_sizes(path):
-    """(token rows, position rows) of the weights in `path`, read from their metadata only."""
-    shapes_file = os.path.join(path, "params_shapes.json")
-    config_file = os.path.join(path, "config.json")
-    if os.path.exists(shapes_file):
-        with open(shapes_file) as f:
-            shapes = json.load(f)
-        return int(shapes[1][0]), int(shapes[0][0])
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-        return int(config.get("vocab_size", N_VOCAB)), int(config.get("n_positions", 512))
+def weights_format(path):
+    """"openai" (params_shapes.json + shards) or "hf" (config.json + weights); clear errors otherwise."""
     if not os.path.isdir(path):
         raise WeightsError(f"weights folder {path!r} does not exist. {WEIGHTS_HINT}")
-    raise WeightsError(f"{path!r} holds neither params_shapes.json nor config.json. {WEIGHTS_HINT}")
+    if os.path.exists(os.path.join(path, "params_shapes.json")):
+        return "openai"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    raise WeightsError(
+        f"{path!r} holds neither params_shapes.json (OpenAI shards) nor config.json (Hugging Face "
+        f"format). {WEIGHTS_HINT}"
+    )
+
+
+def pretrained_sizes(path):
+    """(token rows, position rows) of the weights in `path`, read from their metadata only."""
+    if weights_format(path) == "openai":
+        with open(os.path.join(path, "params_shapes.json")) as f:
+            shapes = json.load(f)
+        return int(shapes[1][0]), int(shapes[0][0])
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    return int(config.get("vocab_size", N_VOCAB)), int(config.get("n_positions", 512))
 
 
 def read_npy_header(f, file_name):

@@ -409,13 +409,12 @@ def log_point(model, data, progress, logger, args, runtime, best_path):
 
 
 def write_submission(predictions, path):
-    make_path(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write("index\tprediction\n")
-        for i, prediction in enumerate(predictions):
-            f.write(f"{i}\t{prediction}\n")
-    os.replace(tmp, path)
+    """`index<TAB>prediction` lines, written atomically."""
+    def write(rows, target):
+        with open(target, "w") as f:
+            f.write("index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(rows)))
+
+    atomic_save(predictions, path, saver=write)
 
 
 class StopRequest:
