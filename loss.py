@@ -14,12 +14,18 @@ def _per_element_cross_entropy(logits, targets):
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def lm_losses(X, M, lm_logits, criterion=_per_element_cross_entropy):
+def lm_losses(X, M, lm_logits, criterion=_per_element_cross_entropy, plan=None):
     """Per-sequence LM loss: cross-entropy of each next token, masked by M[..., 1:] and averaged.
 
     lm_logits is either over every position ([N * (T - 1), vocab], as the TF code) or only over
     the positions with M[..., 1:] = 1 (what `LMHead(mask=M)` returns); both give the same losses.
+    With a BatchPlan that selected the rows, its host-made targets and counts are used: no step
+    waits for the device.
     """
+    if plan is not None and plan.lm_rows is not None:
+        losses = criterion(lm_logits, plan.lm_targets)
+        summed = losses.new_zeros(plan.n_seq).index_add_(0, plan.lm_seq, losses)
+        return summed / plan.lm_count.to(summed.dtype)
     T = X.size(-2)
     tokens = X[..., 1:, 0].reshape(-1, T - 1)
     mask = M.reshape(-1, M.size(-1))[:, 1:].to(lm_logits.dtype)
@@ -56,9 +62,9 @@ class MultipleChoiceLossCompute:
     def clf_losses(self, clf_logits, Y):
         return self.clf_criterion(clf_logits, Y)
 
-    def losses(self, X, Y, M, clf_logits, lm_logits=None):
+    def losses(self, X, Y, M, clf_logits, lm_logits=None, plan=None):
         """(task losses per example, LM losses per sequence or None)."""
-        lm = lm_losses(X, M, lm_logits, self.lm_criterion) if lm_logits is not None else None
+        lm = lm_losses(X, M, lm_logits, self.lm_criterion, plan) if lm_logits is not None else None
         return self.clf_losses(clf_logits, Y), lm
 
     def objective(self, clf_losses, lm=None):

@@ -207,6 +207,17 @@ class PaddingLayout:
             return None
         return PaddingLayout(keep)
 
+    @staticmethod
+    def from_host_mask(keep, device):
+        """A layout from a host-side numpy boolean [N, T] prefix mask, without touching the device
+        (None where nothing is padding)."""
+        if keep.all():
+            return None
+        layout = PaddingLayout.__new__(PaddingLayout)
+        layout.n_seq, layout.n_ctx = keep.shape
+        layout.index = to_device(np.flatnonzero(keep), device)
+        return layout
+
     def pack(self, x):
         """[N, T, C] -> [n_real, C]"""
         return x.reshape(-1, x.size(-1)).index_select(0, self.index)
@@ -215,6 +226,71 @@ class PaddingLayout:
         """[n_real, C] -> [N, T, C], zeros at the padding."""
         out = x.new_zeros(self.n_seq * self.n_ctx, x.size(-1)).index_copy(0, self.index, x)
         return out.view(self.n_seq, self.n_ctx, x.size(-1))
+
+
+def to_device(array, device, dtype=None):
+    """A numpy array as a tensor on `device`: pinned and non-blocking for CUDA (no host stall)."""
+    t = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype is not None:
+        t = t.to(dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def first_classify_positions(tokens, clf_token, where="input"):
+    """Position of the FIRST `clf_token` in each row of a host [N, T] id array; a clear error if
+    a row has none (docs/reference.md §2)."""
+    is_clf = tokens == clf_token
+    missing = np.flatnonzero(~is_clf.any(axis=1))
+    if missing.size:
+        raise ValueError(f"{where}: {missing.size} of {len(tokens)} sequences have no classify token (id "
+                         f"{clf_token}); first ones (flattened index): {missing[:5].tolist()}. Every sequence "
+                         "must end its input with `_classify_`.")
+    return is_clf.argmax(axis=1)
+
+
+@dataclass
+class BatchPlan:
+    """Where the real tokens, the LM targets and the `_classify_` tokens of a padded batch are,
+    worked out on the host from the ids and the mask, so that a forward pass never waits for the
+    device (docs/speed.md). Build it with `BatchPlan.build`; the model then skips its own checks.
+
+    layout: the real tokens (None: run every position). clf_rows: flat index n * T + position of
+    each sequence's first `_classify_`. lm_rows, lm_targets, lm_seq, lm_count: the positions whose
+    next token is real, that token, the sequence of each row and the count per sequence (None:
+    LM logits over every position, as the TF code).
+    """
+
+    n_seq: int
+    n_ctx: int
+    clf_rows: torch.Tensor
+    layout: "PaddingLayout | None" = None
+    lm_rows: "torch.Tensor | None" = None
+    lm_targets: "torch.Tensor | None" = None
+    lm_seq: "torch.Tensor | None" = None
+    lm_count: "torch.Tensor | None" = None
+
+    @staticmethod
+    def build(X, M, clf_token, device="cpu", skip_padding=True, lm=True):
+        """From host arrays X [..., T, 2] and M [..., T]. skip_padding=False keeps every position
+        and the LM over all of them (static shapes, for compiled graphs)."""
+        T = X.shape[-2]
+        tokens = X[..., 0].reshape(-1, T)
+        keep = M.reshape(-1, T) > 0
+        n_seq = tokens.shape[0]
+        clf = first_classify_positions(tokens, clf_token)
+        plan = BatchPlan(n_seq, T, to_device(np.arange(n_seq) * T + clf, device))
+        if skip_padding:
+            plan.layout = PaddingLayout.from_host_mask(keep, device)
+            if lm:
+                predicted = keep[:, 1:]
+                seq, pos = np.nonzero(predicted)
+                plan.lm_rows = to_device(seq * T + pos, device)
+                plan.lm_targets = to_device(tokens[:, 1:][predicted], device, torch.long)
+                plan.lm_seq = to_device(seq, device)
+                plan.lm_count = to_device(predicted.sum(1).astype(np.float32), device)
+        return plan
 
 
 class TransformerModel(nn.Module):
@@ -244,25 +320,35 @@ class TransformerModel(nn.Module):
         """
         return self.drop(self.embed.weight)
 
-    def forward(self, x, we=None, mask=None):
+    def forward(self, x, we=None, mask=None, plan=None):
+        """With a `plan` (BatchPlan, built and checked on the host) nothing here waits for the device;
+        without one, the ids are checked here (one device sync) and `mask` gives the layout."""
         if we is None:
             we = self.embedding_matrix()
         x = x.reshape(-1, x.size(-2), x.size(-1))
         if x.size(1) > self.n_ctx:
             raise ValueError(f"input has {x.size(1)} positions but the model was built with n_ctx={self.n_ctx}")
-        if x.numel():
-            low, high = torch.aminmax(x)  # one pass, one device sync
-            low, high = int(low), int(high)
-            if low < 0 or high >= we.size(0):
-                raise ValueError(f"input ids range over {low} ... {high} but the embedding has {we.size(0)} rows "
-                                 "(vocab = n_vocab + n_special + n_ctx)")
-        layout = None if mask is None else PaddingLayout.from_mask(mask, x.size(0), x.size(1))
+        if plan is not None:
+            layout = plan.layout
+        else:
+            self.check_ids(x, we.size(0))
+            layout = None if mask is None else PaddingLayout.from_mask(mask, x.size(0), x.size(1))
         if layout is not None:
             x = x.reshape(-1, 2).index_select(0, layout.index)
         h = F.embedding(x[..., 0], we) + F.embedding(x[..., 1], we)
         for block in self.h:
             h = block(h, layout)
         return h if layout is None else layout.unpack(h)
+
+    @staticmethod
+    def check_ids(x, rows):
+        """Every id indexes a row of the embedding (one pass, one device sync)."""
+        if not x.numel():
+            return
+        low, high = (int(v) for v in torch.aminmax(x))
+        if low < 0 or high >= rows:
+            raise ValueError(f"input ids range over {low} ... {high} but the embedding has {rows} rows "
+                             "(vocab = n_vocab + n_special + n_ctx)")
 
 
 class LMHead(nn.Module):
@@ -279,9 +365,11 @@ class LMHead(nn.Module):
         self.decoder.weight = model.embed.weight  # tied
         self.trunc_and_reshape = trunc_and_reshape
 
-    def forward(self, h, we=None, mask=None):
+    def forward(self, h, we=None, mask=None, plan=None):
         weight = self.decoder.weight if we is None else we
-        if mask is not None:
+        if plan is not None and plan.lm_rows is not None:
+            h = h.reshape(-1, h.size(-1)).index_select(0, plan.lm_rows)
+        elif mask is not None:
             keep = mask.reshape(-1, mask.size(-1))[:, 1:].bool()
             h = h[:, :-1][keep]
         elif self.trunc_and_reshape:
@@ -289,8 +377,12 @@ class LMHead(nn.Module):
         return F.linear(h, weight)
 
 
-def pool_classify_states(h, x, clf_token):
-    """Hidden state at the FIRST `clf_token` of each sequence, shape [N, n_embd] (SPEC §2)."""
+def pool_classify_states(h, x, clf_token, plan=None):
+    """Hidden state at the FIRST `clf_token` of each sequence, shape [N, n_embd] (SPEC §2).
+
+    With a `plan` the positions come from the host (no device sync)."""
+    if plan is not None:
+        return h.reshape(-1, h.size(-1)).index_select(0, plan.clf_rows)
     tokens = x[..., 0].reshape(-1, x.size(-2))
     is_clf = tokens == clf_token
     has_clf = is_clf.any(dim=1)
@@ -320,9 +412,9 @@ class MultipleChoiceHead(nn.Module):
         self.linear = nn.Linear(cfg.n_embd, 1)
         _init_linear(self.linear)
 
-    def forward(self, h, x):
+    def forward(self, h, x, plan=None):
         n_examples, n_choices = x.size(0), x.size(1)
-        clf_h = pool_classify_states(h, x, self.clf_token).view(n_examples, n_choices, -1)
+        clf_h = pool_classify_states(h, x, self.clf_token, plan).view(n_examples, n_choices, -1)
         noise = F.dropout(clf_h.new_ones(n_examples, 1, clf_h.size(-1)), self.clf_pdrop, self.training)
         return self.linear(clf_h * noise).view(n_examples, n_choices)
 
@@ -338,8 +430,8 @@ class ClfHead(nn.Module):
         self.linear = nn.Linear(cfg.n_embd, n_class)
         _init_linear(self.linear)
 
-    def forward(self, h, x):
-        return self.linear(self.dropout(pool_classify_states(h, x, self.clf_token)))
+    def forward(self, h, x, plan=None):
+        return self.linear(self.dropout(pool_classify_states(h, x, self.clf_token, plan)))
 
 
 class SimilarityHead(ClfHead):
@@ -349,10 +441,10 @@ class SimilarityHead(ClfHead):
     def __init__(self, clf_token, cfg, n_out=1):
         super().__init__(clf_token, cfg, n_out)
 
-    def forward(self, h, x):
+    def forward(self, h, x, plan=None):
         if x.dim() != 4 or x.size(1) != 2:
             raise ValueError(f"similarity input must have shape [batch, 2 orderings, T, 2], got {tuple(x.shape)}")
-        clf_h = pool_classify_states(h, x, self.clf_token).view(x.size(0), 2, -1).sum(dim=1)
+        clf_h = pool_classify_states(h, x, self.clf_token, plan).view(x.size(0), 2, -1).sum(dim=1)
         out = self.linear(self.dropout(clf_h))
         return out.squeeze(-1) if out.size(-1) == 1 else out
 
@@ -381,15 +473,16 @@ class DoubleHeadModel(nn.Module):
         self.lm_head = LMHead(self.transformer, cfg)
         self.task_head = make_task_head(task_head_type, clf_token, self.transformer.cfg)
 
-    def forward(self, x, mask=None, compute_lm=True):
+    def forward(self, x, mask=None, compute_lm=True, plan=None):
         """mask: the mask M ([..., T], ones on real tokens). With it, padding is skipped and LM
         logits are computed only at the positions a loss uses (see LMHead); without it, the TF
         code's computation over every position. compute_lm=False skips the LM logits entirely
-        (evaluation) and returns None for them."""
+        (evaluation) and returns None for them. plan: a BatchPlan made on the host from X and M,
+        which replaces `mask` and every check that would wait for the device (training loops)."""
         we = self.transformer.embedding_matrix()
-        h = self.transformer(x, we, mask=mask)
-        lm_logits = self.lm_head(h, we, mask=mask) if compute_lm else None
-        return lm_logits, self.task_head(h, x)
+        h = self.transformer(x, we, mask=mask, plan=plan)
+        lm_logits = self.lm_head(h, we, mask=mask, plan=plan) if compute_lm else None
+        return lm_logits, self.task_head(h, x, plan=plan)
 
 
 class LMModel(nn.Module):
@@ -479,14 +572,38 @@ def _layers_to_load(body, n_transfer, n_layers_available, source):
     return n_transfer
 
 
-def _fill_special_rows(body, n_vocab, n_special):
+def draw_special_rows(rng, n_special, n_embd):
+    """The original's draw of the special-token rows: `rng.randn(n_special, n_embd) * 0.02` as float32.
+
+    With `rng` the numpy RandomState that the TF script seeds with --seed (its first draw), the
+    rows equal the original's.
+    """
+    if isinstance(rng, np.random.Generator):
+        values = rng.standard_normal((n_special, n_embd))
+    else:
+        values = rng.randn(n_special, n_embd)
+    return (values * 0.02).astype(np.float32)
+
+
+def _fill_special_rows(body, n_vocab, n_special, special_rows=None):
+    """Fill the special rows: from torch's generator (None), a numpy generator, or given values."""
+    rows = body.embed.weight[n_vocab:n_vocab + n_special]
     with torch.no_grad():
-        body.embed.weight[n_vocab:n_vocab + n_special].normal_(std=0.02)
+        if special_rows is None:
+            rows.normal_(std=0.02)
+            return
+        if isinstance(special_rows, (np.random.RandomState, np.random.Generator)):
+            special_rows = draw_special_rows(special_rows, n_special, rows.size(1))
+        values = torch.as_tensor(np.asarray(special_rows, dtype=np.float32))
+        if tuple(values.shape) != tuple(rows.shape):
+            raise WeightsError(f"special_rows has shape {list(values.shape)}, expected {list(rows.shape)} "
+                               "(n_special, n_embd)")
+        rows.copy_(values)
 
 
 @torch.no_grad()
 def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n_embd=768,
-                                 path="./model/", path_names=None, verbose=False):
+                                 path="./model/", path_names=None, verbose=False, special_rows=None):
     """Load OpenAI's released weights into `model` (SPEC §1), in place.
 
     `path` holds either OpenAI's shards (params_shapes.json, params_0.npy ... params_9.npy) or the
@@ -494,15 +611,18 @@ def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n
     n_ctx: position rows kept (-1: the model's n_ctx). n_special: new rows between the token and
     position rows, drawn from N(0, 0.02) (-1: whatever the model's vocab leaves over).
     n_transfer: -1 loads nothing; k loads the embedding and the first k layers.
+    special_rows: how the n_special new rows are drawn: None from torch's generator (N(0, 0.02)),
+    a numpy RandomState as the original (`randn(n_special, n_embd) * 0.02`, float32; train.py passes
+    the generator it seeded with --seed, so the rows equal the TF run's), or an array of the values.
     `path_names` is accepted for compatibility with the earlier port and unused.
     """
     body = _body(model)
     if body.cfg.n_embd != n_embd:
         raise WeightsError(f"n_embd={n_embd} was asked for but the model has n_embd={body.cfg.n_embd}")
     if weights_format(path) == "openai":
-        _load_openai_shards(body, path, n_ctx, n_special, n_transfer)
+        _load_openai_shards(body, path, n_ctx, n_special, n_transfer, special_rows)
     else:
-        _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer)
+        _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer, special_rows)
     if verbose:
         print(f"loaded pre-trained weights from {path} (n_transfer={n_transfer})")
     return model
@@ -656,7 +776,7 @@ class _FlatReader:
             self.f.close()
 
 
-def _load_openai_shards(body, path, n_ctx, n_special, n_transfer):
+def _load_openai_shards(body, path, n_ctx, n_special, n_transfer, special_rows=None):
     shapes, n_layers_file = _read_shapes(path, body)
     files = _shard_files(path)
     sizes = [int(np.prod(s)) for s in shapes]
@@ -678,7 +798,7 @@ def _load_openai_shards(body, path, n_ctx, n_special, n_transfer):
                 tensor.detach().view(-1)[start:start + count].copy_(flat[start:start + count])
     finally:
         reader.close()
-    _fill_special_rows(body, n_vocab, n_special)
+    _fill_special_rows(body, n_vocab, n_special, special_rows)
 
 
 def _open_hf_weights(path):
@@ -701,7 +821,7 @@ def _open_hf_weights(path):
     raise WeightsError(f"{path}: config.json found but neither model.safetensors nor pytorch_model.bin. {WEIGHTS_HINT}")
 
 
-def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer):
+def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer, special_rows=None):
     config_file = os.path.join(path, "config.json")
     try:
         with open(config_file) as f:
@@ -747,4 +867,4 @@ def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer):
         for ours, theirs in zip(LAYER_PARAMS, HF_LAYER_PARAMS):
             p = body.h[i].get_parameter(ours)
             p.copy_(tensor(f"h.{i}.{theirs}", p.shape))
-    _fill_special_rows(body, n_vocab, n_special)
+    _fill_special_rows(body, n_vocab, n_special, special_rows)

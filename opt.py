@@ -39,7 +39,7 @@ class OpenAIAdam(Optimizer):
     """
 
     def __init__(self, params, lr, schedule, warmup, t_total, b1=0.9, b2=0.999, e=1e-8, l2=0,
-                 vector_l2=False, max_grad_norm=-1, **kwargs):
+                 vector_l2=False, max_grad_norm=-1, fused=None, **kwargs):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
         if schedule not in SCHEDULES:
@@ -59,6 +59,7 @@ class OpenAIAdam(Optimizer):
         defaults = dict(lr=lr, schedule=schedule, warmup=warmup, t_total=t_total, b1=b1, b2=b2, e=e, l2=l2,
                         vector_l2=vector_l2, max_grad_norm=max_grad_norm, step=0, lr_t=0.0)
         super().__init__(params, defaults)
+        self.fused = _fused_available() if fused is None else fused
 
     def step_size(self, group, t):
         """lrt at step t (SPEC §3, step 2)."""
@@ -70,17 +71,24 @@ class OpenAIAdam(Optimizer):
         """The step size lrt of the last update (first group), for logging."""
         return self.param_groups[0]["lr_t"]
 
-    @torch.no_grad()
-    def clip_grad_norm_(self):
-        """TF's clip_by_global_norm over every parameter of every group; returns the global norm."""
+    def _clip_divisor(self):
+        """max(global norm, max_grad_norm) / max_grad_norm as a device tensor (no host sync), or
+        None when clipping is off: dividing the gradients by it is TF's clip_by_global_norm."""
         max_norm = max(g["max_grad_norm"] for g in self.param_groups)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if max_norm <= 0 or not grads:
             return None
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        scale = max_norm / torch.clamp(norm, min=max_norm)  # 1 when norm <= max_norm
-        torch._foreach_mul_(grads, scale)
-        return norm
+        return torch.clamp(norm, min=max_norm).float() / max_norm  # 1 when norm <= max_norm
+
+    @torch.no_grad()
+    def clip_grad_norm_(self):
+        """TF's clip_by_global_norm over every parameter of every group, in place."""
+        divisor = self._clip_divisor()
+        if divisor is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_div_(grads, divisor)
+        return divisor
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,6 +96,9 @@ class OpenAIAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.fused:
+            self._step_fused()
+            return loss
         self.clip_grad_norm_()
         for group in self.param_groups:
             group["step"] += 1
@@ -122,3 +133,52 @@ class OpenAIAdam(Optimizer):
             if decayed:
                 torch._foreach_mul_(decayed, 1 - lrt * l2)
         torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lrt)  # - lrt * m / (sqrt(v) + e)
+
+    def _step_fused(self):
+        """The same update with PyTorch's fused Adam kernel: one pass over each parameter for
+        clipping, moments, decay and step together (the clip divisor goes in as its grad_scale).
+
+        The kernel computes p * (1 - lr_k wd_k) - lr_k / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + e_k).
+        With lr_k = lr * schedule, e_k = e / sqrt(1 - b2^t) and wd_k = lrt * l2 / lr_k this is
+        p * (1 - lrt l2) - lrt * m / (sqrt(v) + e): SPEC §3 exactly, up to rounding."""
+        divisor = self._clip_divisor()
+        for group in self.param_groups:
+            group["step"] += 1
+            t = group["step"]
+            lrt = self.step_size(group, t)
+            group["lr_t"] = lrt
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            b1, b2, l2 = group["b1"], group["b2"], group["l2"]
+            bias_correction2 = math.sqrt(1 - b2 ** t)
+            lr_k = lrt * (1 - b1 ** t) / bias_correction2  # = lr * schedule(t / t_total)
+            decay = lrt * l2 / lr_k if lr_k > 0 else 0.0
+            decayed = [p for p in params if p.dim() > 1 or group["vector_l2"]]
+            others = [p for p in params if not (p.dim() > 1 or group["vector_l2"])]
+            for subset, weight_decay in ((decayed, decay), (others, 0.0)):
+                if not subset:
+                    continue
+                steps = [self._step_tensor(subset[0].device, t)] * len(subset)
+                torch._fused_adamw_(
+                    subset, [p.grad for p in subset], [self.state[p]["exp_avg"] for p in subset],
+                    [self.state[p]["exp_avg_sq"] for p in subset], [], steps, lr=lr_k, beta1=b1, beta2=b2,
+                    weight_decay=weight_decay, eps=group["e"] / bias_correction2, amsgrad=False, maximize=False,
+                    grad_scale=divisor, found_inf=None)
+
+
+    def _step_tensor(self, device, t):
+        """The step count as a device scalar, set by a kernel (no host-to-device copy per update)."""
+        cache = self.__dict__.setdefault("_step_tensors", {})
+        if device not in cache:
+            cache[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return cache[device].fill_(float(t))
+
+
+def _fused_available():
+    return hasattr(torch, "_fused_adamw_")

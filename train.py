@@ -1,23 +1,28 @@
-"""Fine-tune GPT-1 on ROCStories as OpenAI's TF code does (SPEC §5), on a CPU, one GPU or several
+"""Fine-tune GPT-1 as OpenAI's TF code does (docs/reference.md §5), on a CPU, one GPU or several
 (torchrun), and predict the test set.
 
     python train.py --dataset rocstories --desc rocstories --submit --analysis --data_dir DIR
     torchrun --nproc_per_node=4 train.py ... (same flags; the same updates)
     python train.py --demo        (everything built in: no download, a few minutes on a laptop CPU)
 
-One update uses n_batch x n_gpu stories (8 x 4 = 32, the paper's batch), as n_gpu "towers" of
-n_batch stories: gradients of the towers are averaged, whether they run one after the other on one
-device or spread over torchrun's processes.
+One update uses n_batch x n_gpu examples (8 x 4 = 32, the paper's batch). The TF code ran them as
+n_gpu towers of n_batch and averaged the towers' gradients; here a process runs its share of the
+update as ONE forward and backward pass (the same objective: the mean over the 32 examples), or as
+equal micro-batches with --micro_batch. Nothing inside an update waits for the device: the batch
+layout is worked out on the host and the loss is read one update late (docs/speed.md).
 """
 
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import random
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,17 +36,21 @@ from datasets import DataError, rocstories, write_synthetic_rocstories
 from loss import MultipleChoiceLossCompute
 from model_pytorch import (
     ACT_FNS,
+    BatchPlan,
     DoubleHeadModel,
     WeightsError,
+    first_classify_positions,
     load_openai_pretrained_model,
     make_config,
     pretrained_sizes,
+    to_device,
 )
 from opt import SCHEDULES, OpenAIAdam
 from text_utils import TextEncoder, VocabularyError, learn_bpe
 from utils import ResultLogger, encode_dataset, iter_data, make_path
 
 LOG_UPDATES = (1000, 2000, 4000, 8000, 16000, 32000)  # extra log points during the first epoch
+COMPILE_BUCKET = 8  # with --compile, sequence lengths are padded to a multiple of this
 
 
 class RunError(RuntimeError):
@@ -53,57 +62,104 @@ class RunError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 def build_parser():
+    """The original's flags, names and defaults, then this port's. Flags in the "run" group fix the
+    run's shapes and numbers: --resume refuses to change them (one source of truth)."""
     p = argparse.ArgumentParser(description="Fine-tune GPT-1 (faithful to OpenAI's TF code).")
-    # The original's flags, names and defaults.
-    p.add_argument("--desc", type=str, default=None, help="run name (log/DESC.jsonl, save/DESC/); default: dataset")
-    p.add_argument("--dataset", type=str, default="rocstories", choices=["rocstories"])
-    p.add_argument("--log_dir", type=str, default="log/")
-    p.add_argument("--save_dir", type=str, default="save/")
-    p.add_argument("--data_dir", type=str, default="data/")
-    p.add_argument("--submission_dir", type=str, default="submission/")
-    p.add_argument("--submit", action="store_true", help="keep the best validation parameters and predict the test set")
-    p.add_argument("--analysis", action="store_true", help="print validation and test accuracy at the end")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--n_iter", type=int, default=3, help="epochs")
-    p.add_argument("--n_batch", type=int, default=8, help="stories per tower")
-    p.add_argument("--max_grad_norm", type=float, default=1)
-    p.add_argument("--lr", type=float, default=6.25e-5)
-    p.add_argument("--lr_warmup", type=float, default=0.002)
-    p.add_argument("--n_ctx", type=int, default=512)
-    p.add_argument("--n_embd", type=int, default=768)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--embd_pdrop", type=float, default=0.1)
-    p.add_argument("--attn_pdrop", type=float, default=0.1)
-    p.add_argument("--resid_pdrop", type=float, default=0.1)
-    p.add_argument("--clf_pdrop", type=float, default=0.1)
-    p.add_argument("--l2", type=float, default=0.01)
-    p.add_argument("--vector_l2", action="store_true")
-    p.add_argument("--n_gpu", type=int, default=4, help="towers per update (the TF code's GPUs)")
-    p.add_argument("--opt", type=str, default="adam", choices=["adam"])
-    p.add_argument("--afn", type=str, default="gelu", choices=sorted(ACT_FNS))
-    p.add_argument("--lr_schedule", type=str, default="warmup_linear", choices=sorted(SCHEDULES))
-    p.add_argument("--encoder_path", type=str, default="model/encoder_bpe_40000.json")
-    p.add_argument("--bpe_path", type=str, default="model/vocab_40000.bpe")
-    p.add_argument("--n_transfer", type=int, default=12)
-    p.add_argument("--lm_coef", type=float, default=0.5)
-    p.add_argument("--b1", type=float, default=0.9)
-    p.add_argument("--b2", type=float, default=0.999)
-    p.add_argument("--e", type=float, default=1e-8)
-    p.add_argument("--n_valid", type=int, default=374)
+    run = p.add_argument_group("run", "settings that fix the run's shapes and numbers (kept on --resume)")
+    io = p.add_argument_group("io", "paths, reporting and devices (free to change on --resume)")
+    io.add_argument("--desc", type=str, default=None, help="run name (log/DESC.jsonl, save/DESC/); default: dataset")
+    run.add_argument("--dataset", type=str, default="rocstories", choices=["rocstories"])
+    io.add_argument("--log_dir", type=str, default="log/")
+    io.add_argument("--save_dir", type=str, default="save/")
+    io.add_argument("--data_dir", type=str, default="data/")
+    io.add_argument("--submission_dir", type=str, default="submission/")
+    io.add_argument("--submit", action="store_true",
+                    help="keep the best validation parameters and predict the test set")
+    io.add_argument("--analysis", action="store_true", help="print validation and test figures at the end")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--n_iter", type=int, default=3, help="epochs")
+    run.add_argument("--n_batch", type=int, default=8, help="examples per tower")
+    run.add_argument("--max_grad_norm", type=float, default=1)
+    run.add_argument("--lr", type=float, default=6.25e-5)
+    run.add_argument("--lr_warmup", type=float, default=0.002)
+    run.add_argument("--n_ctx", type=int, default=512)
+    run.add_argument("--n_embd", type=int, default=768)
+    run.add_argument("--n_head", type=int, default=12)
+    run.add_argument("--n_layer", type=int, default=12)
+    run.add_argument("--embd_pdrop", type=float, default=0.1)
+    run.add_argument("--attn_pdrop", type=float, default=0.1)
+    run.add_argument("--resid_pdrop", type=float, default=0.1)
+    run.add_argument("--clf_pdrop", type=float, default=0.1)
+    run.add_argument("--l2", type=float, default=0.01)
+    run.add_argument("--vector_l2", action="store_true")
+    run.add_argument("--n_gpu", type=int, default=4, help="towers per update (the TF code's GPUs): the batch is "
+                                                          "n_batch x n_gpu")
+    run.add_argument("--opt", type=str, default="adam", choices=["adam"])
+    run.add_argument("--afn", type=str, default="gelu", choices=sorted(ACT_FNS))
+    run.add_argument("--lr_schedule", type=str, default="warmup_linear", choices=sorted(SCHEDULES))
+    io.add_argument("--encoder_path", type=str, default="model/encoder_bpe_40000.json")
+    io.add_argument("--bpe_path", type=str, default="model/vocab_40000.bpe")
+    run.add_argument("--n_transfer", type=int, default=12)
+    run.add_argument("--lm_coef", type=float, default=0.5)
+    run.add_argument("--b1", type=float, default=0.9)
+    run.add_argument("--b2", type=float, default=0.999)
+    run.add_argument("--e", type=float, default=1e-8)
+    run.add_argument("--n_valid", type=int, default=374)
     # This port's additions.
-    p.add_argument("--model_path", type=str, default="model/", help="OpenAI shards or Hugging Face weights")
-    p.add_argument("--demo", action="store_true", help="run on a built-in synthetic task (no download)")
-    p.add_argument("--demo_dir", type=str, default="demo_run/")
-    p.add_argument("--resume", action="store_true", help="continue from save/DESC/checkpoint.pt")
-    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16 adds a loss scaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--eval_batch", type=int, default=128, help="stories per evaluation batch")
-    p.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    p.add_argument("--plain", action="store_true",
-                   help="turn the speed-ups off (no trimming, explicit attention, LM logits everywhere)")
-    p.add_argument("--stop_after_updates", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interrupt
+    io.add_argument("--model_path", type=str, default="model/", help="OpenAI shards or Hugging Face weights")
+    io.add_argument("--demo", action="store_true", help="run on a built-in synthetic task (no download)")
+    io.add_argument("--demo_dir", type=str, default="demo_run/")
+    io.add_argument("--resume", action="store_true", help="continue from save/DESC/checkpoint.pt")
+    run.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16 adds a loss scaler)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (lengths bucketed; CUDA graphs on a GPU)")
+    run.add_argument("--micro_batch", type=int, default=None,
+                     help="examples per forward pass (default: a process's whole share of the update)")
+    io.add_argument("--eval_batch", type=int, default=128, help="examples per evaluation batch")
+    io.add_argument("--cache_dir", type=str, default=None,
+                    help="where encoded data sets are cached (default: SAVE_DIR/encoded)")
+    io.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    run.add_argument("--plain", action="store_true",
+                     help="turn the speed-ups off (no trimming, explicit attention, LM logits everywhere)")
+    io.add_argument("--stop_after_updates", type=int, default=None, help=argparse.SUPPRESS)  # tests: an interrupt
     return p
+
+
+def run_settings(parser):
+    """The names of the flags that --resume keeps fixed (the parser's "run" group)."""
+    group = next(g for g in parser._action_groups if g.title == "run")
+    return [a.dest for a in group._group_actions]
+
+
+def validate_args(args):
+    """Every numeric flag in its range, as one clear line (argparse checks only the types)."""
+    rules = [
+        ("n_iter", args.n_iter >= 1, "at least 1"),
+        ("n_batch", args.n_batch >= 1, "at least 1"),
+        ("n_gpu", args.n_gpu >= 1, "at least 1"),
+        ("eval_batch", args.eval_batch >= 1, "at least 1"),
+        ("n_valid", args.n_valid >= 1, "at least 1"),
+        ("n_ctx", args.n_ctx >= 6, "at least 6"),
+        ("n_embd", args.n_embd >= 1, "at least 1"),
+        ("n_head", args.n_head >= 1 and args.n_embd % max(args.n_head, 1) == 0, "at least 1 and divide --n_embd"),
+        ("n_layer", args.n_layer >= 1, "at least 1"),
+        ("n_transfer", -1 <= args.n_transfer <= args.n_layer, f"between -1 and --n_layer ({args.n_layer})"),
+        ("lr", args.lr >= 0 and np.isfinite(args.lr), "a finite number >= 0"),
+        ("lr_warmup", 0 <= args.lr_warmup <= 1, "in [0, 1]"),
+        ("l2", args.l2 >= 0, ">= 0"),
+        ("lm_coef", args.lm_coef >= 0, ">= 0"),
+        ("b1", 0 <= args.b1 < 1, "in [0, 1)"),
+        ("b2", 0 <= args.b2 < 1, "in [0, 1)"),
+        ("e", args.e >= 0, ">= 0"),
+        ("max_grad_norm", np.isfinite(args.max_grad_norm), "a finite number (<= 0 turns clipping off)"),
+        ("micro_batch", args.micro_batch is None or args.micro_batch >= 1, "at least 1"),
+        ("stop_after_updates", args.stop_after_updates is None or args.stop_after_updates >= 1, "at least 1"),
+    ] + [(name, 0 <= getattr(args, name) < 1, "in [0, 1)")
+         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop")]
+    for name, ok, expected in rules:
+        if not ok:
+            raise RunError(f"--{name} {getattr(args, name)} is invalid: it must be {expected}")
+    return args
 
 
 DEMO_DEFAULTS = dict(n_embd=64, n_head=4, n_layer=2, n_transfer=2, n_iter=8, lr=2e-3, lr_warmup=0.05, n_ctx=128,
@@ -147,7 +203,7 @@ def prepare_demo(args):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data (SPEC §5)
+# Data (docs/reference.md §5)
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -188,25 +244,136 @@ def transform_roc(X1, X2, X3, specials, max_len, n_ctx):
     return xmb, mmb
 
 
+def encode_cached(splits, text_encoder, cache_dir):
+    """`encode_dataset` of the splits, cached on disk under a key made of the texts themselves and
+    the vocabulary files: a change to either encodes again. Stored as flat int arrays (no pickle)."""
+    digest = hashlib.sha256(vocabulary_key(text_encoder).encode())
+    text_fields = []
+    for s, split in enumerate(splits):
+        for k, values in enumerate(split):
+            if len(values) and isinstance(values[0], str):
+                text_fields.append((s, k))
+                digest.update(f"\0{s}/{k}/{len(values)}\0".encode())
+                digest.update("\0".join(values).encode("utf-8", "surrogatepass"))
+    path = os.path.join(cache_dir, f"{digest.hexdigest()[:32]}.npz") if cache_dir else None
+    if path and os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                encoded = [list(split) for split in splits]
+                for s, k in text_fields:
+                    ids, offsets = stored[f"{s}_{k}_ids"], stored[f"{s}_{k}_offsets"]
+                    encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
+                return encoded
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache file is encoded again and rewritten
+    encoded = encode_dataset(*splits, encoder=text_encoder)
+    if path:
+        arrays = {}
+        for s, k in text_fields:
+            seqs = encoded[s][k]
+            arrays[f"{s}_{k}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
+            arrays[f"{s}_{k}_ids"] = np.fromiter((i for x in seqs for i in x), dtype=np.int32)
+        atomic_save(arrays, path, saver=save_npz)
+    return encoded
+
+
+def vocabulary_key(text_encoder):
+    """What the ids depend on besides the texts: the vocabulary, the merges and the tokenizer code."""
+    import text_utils
+
+    merges = sorted(text_encoder.bpe_ranks.items(), key=lambda item: item[1])
+    with open(text_utils.__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()
+    return "\n".join([json.dumps(text_encoder.encoder, sort_keys=True), repr(merges), code])
+
+
+def save_npz(arrays, path):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def check_split(name, X, M, vocab, clf_token):
+    """Once per data set, on the host: ids within the embedding, a `_classify_` in every sequence,
+    masks that are a prefix of ones. The training loop then never checks on the device."""
+    if X.size and (X.min() < 0 or X.max() >= vocab):
+        raise RunError(f"{name}: ids range over {X.min()} ... {X.max()} but the embedding has {vocab} rows")
+    try:
+        first_classify_positions(X[..., 0].reshape(-1, X.shape[-2]), clf_token, where=name)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    keep = M.reshape(-1, M.shape[-1]) > 0
+    if (keep[:, 1:] > keep[:, :-1]).any():
+        raise RunError(f"{name}: a mask has padding before real tokens; padding must come last")
+
+
+@dataclass
+class TaskData:
+    """Encoded splits as arrays: name -> (X [n, choices, T, 2], M [n, choices, T], Y or None)."""
+
+    splits: dict
+    specials: Specials
+    n_ctx: int
+
+
 def load_rocstories(args, text_encoder):
     train, valid, test = rocstories(args.data_dir, n_valid=args.n_valid)
-    (trX1, trX2, trX3, trY), (vaX1, vaX2, vaX3, vaY), (teX1, teX2, teX3) = encode_dataset(
-        *[train, valid, test], encoder=text_encoder)
+    cache_dir = args.cache_dir or os.path.join(args.save_dir, "encoded")
+    (trX1, trX2, trX3, trY), (vaX1, vaX2, vaX3, vaY), (teX1, teX2, teX3) = encode_cached(
+        [train, valid, test], text_encoder, cache_dir)
     specials = add_specials(text_encoder)
     max_len = args.n_ctx // 2 - 2
     n_ctx = context_size([(trX1, trX2, trX3), (vaX1, vaX2, vaX3), (teX1, teX2, teX3)], max_len, args.n_ctx)
-    data = dict(
+    splits = dict(
         train=(*transform_roc(trX1, trX2, trX3, specials, max_len, n_ctx), np.asarray(trY)),
         valid=(*transform_roc(vaX1, vaX2, vaX3, specials, max_len, n_ctx), np.asarray(vaY)),
-        test=transform_roc(teX1, teX2, teX3, specials, max_len, n_ctx),
+        test=(*transform_roc(teX1, teX2, teX3, specials, max_len, n_ctx), None),
     )
-    return data, specials, n_ctx
+    return TaskData(splits, specials, n_ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches: everything the device needs, prepared on the host
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    X: torch.Tensor
+    M: torch.Tensor
+    Y: "torch.Tensor | None"
+    plan: "BatchPlan | None"
+    n_examples: int
 
 
 def trim(X, M):
     """Cut the padding shared by every sequence of a batch (exact: it lies after `_classify_`)."""
     length = int(M.sum(-1).max())
     return X[..., :length, :], M[..., :length]
+
+
+def bucketed(X, M, multiple):
+    """Cut the shared padding only down to a multiple of `multiple` positions (at most the full
+    width): a run then sees a handful of lengths, one compiled graph each."""
+    length = int(M.sum(-1).max())
+    length = min(-(-length // multiple) * multiple, X.shape[-2])
+    return X[..., :length, :], M[..., :length]
+
+
+def make_batch(xmb, mmb, ymb, clf_token, device, mode, lm=True):
+    """A Batch on `device`. mode "plain": the whole padded batch (the model checks on the device);
+    "trimmed" (default): shared padding cut, real tokens only, a BatchPlan; "static" (--compile):
+    lengths bucketed and every position kept, so shapes repeat and graphs can be reused."""
+    Y = None if ymb is None else to_device(ymb, device, torch.long if ymb.dtype.kind in "iu" else torch.float32)
+    if mode == "plain":
+        return Batch(to_device(xmb, device), to_device(mmb, device), Y, None, len(xmb))
+    xmb, mmb = bucketed(xmb, mmb, COMPILE_BUCKET) if mode == "static" else trim(xmb, mmb)
+    plan = BatchPlan.build(xmb, mmb, clf_token, device, skip_padding=mode != "static", lm=lm)
+    return Batch(to_device(xmb, device), to_device(mmb, device), Y, plan, len(xmb))
+
+
+def batch_mode(args, training=True):
+    if args.plain:
+        return "plain"
+    return "static" if args.compile and training else "trimmed"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,6 +389,11 @@ class Runtime:
     @property
     def main(self):
         return self.rank == 0
+
+    def synchronize(self):
+        """Wait for the device: only at phase boundaries, for honest phase times."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 def setup_runtime(args):
@@ -246,23 +418,81 @@ def setup_runtime(args):
 def atomic_save(obj, path, saver=torch.save):
     """Write through a temporary file and rename: a crash never leaves a half-written file."""
     make_path(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     saver(obj, tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_best_params(model, path):
-    from safetensors.torch import save_model
+def host_copy(obj):
+    """A copy on the host of every tensor in a (nested) state: training may go on meanwhile."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
 
-    atomic_save(model, path, saver=save_model)
+
+def model_state(model):
+    """The state dict with tied tensors once (the LM head shares the embedding)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor
+    return state
+
+
+def load_model_state(model, state, source):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(model.state_dict()) - set(model_state(model))
+    if unexpected or set(missing) - tied:
+        raise RunError(f"{source} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                       f"unexpected {sorted(unexpected)[:5]}")
+
+
+class BackgroundWriter:
+    """Writes files from host copies in one background thread, in order, so training does not
+    wait for the disk. `wait()` returns once all are written (and re-raises a failed write)."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def submit(self, write, *args):
+        self.wait()
+
+        def work():
+            try:
+                write(*args)
+            except BaseException as err:  # reported by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, daemon=True)
+        self._thread.start()
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RunError(f"writing a checkpoint failed: {err}")
+
+
+def save_best_params(state, path):
+    from safetensors.torch import save_file
+
+    atomic_save({k: v.contiguous() for k, v in state.items()}, path, saver=save_file)
 
 
 def load_best_params(model, path):
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
-    load_model(model, path)
+    load_model_state(model, load_file(path), path)
 
 
 def numpy_rng_state(rng):
@@ -272,39 +502,39 @@ def numpy_rng_state(rng):
                 cached=float(cached))
 
 
-def rng_state(shuffle_rng):
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_rng_state(shuffle_rng))
+def numpy_state(saved):
+    return ("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached"])
+
+
+def rng_state(data_rng):
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=numpy_rng_state(data_rng))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def numpy_state(saved):
-    return ("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"], saved["cached"])
-
-
 def restore_rng(state):
+    """Restore the generators; CUDA states only for the devices this machine has (a checkpoint
+    made with more GPUs, or on a GPU machine resumed on a CPU, still resumes)."""
     torch.set_rng_state(state["torch"])
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
 
 
-RESUME_KEYS = ("dataset", "seed", "n_iter", "n_batch", "n_gpu", "lr", "lr_schedule", "lr_warmup", "n_embd", "n_head",
-               "n_layer", "l2", "lm_coef", "max_grad_norm", "n_valid")
-
-
-def load_checkpoint(path, args):
+def load_checkpoint(path, args, parser_defaults):
     if not os.path.exists(path):
         raise RunError(f"--resume: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RunError(f"--resume: {path} cannot be read as a checkpoint ({err})") from None
-    changed = [k for k in RESUME_KEYS if ckpt["args"].get(k) != getattr(args, k)]
+    saved = ckpt["args"]
+    changed = [k for k in run_settings(build_parser()) if saved.get(k, parser_defaults.get(k)) != getattr(args, k)]
     if changed:
         raise RunError("--resume: the checkpoint was made with other settings: " + ", ".join(
-            f"{k}={ckpt['args'].get(k)!r} (now {getattr(args, k)!r})" for k in changed))
+            f"--{k} {saved.get(k, parser_defaults.get(k))!r} (now {getattr(args, k)!r})" for k in changed))
     return ckpt
 
 
@@ -321,17 +551,33 @@ class Progress:
     n_epochs: int = 0  # finished epochs
     n_updates: int = 0
     update_in_epoch: int = 0  # updates done in the current epoch
-    best_score: float = 0.0
-    epoch_rng: dict = None  # shuffle state at the start of the current epoch
+    best_score: float = float("-inf")
+    epoch_rng: dict = None  # data generator's state at the start of the current epoch
 
 
-def to_device(array, runtime, dtype=None):
-    t = torch.from_numpy(np.ascontiguousarray(array))
-    if dtype is not None:
-        t = t.to(dtype)
-    if runtime.device.type == "cuda":
-        return t.pin_memory().to(runtime.device, non_blocking=True)
-    return t
+class PhaseTimes:
+    """Wall time per phase of a run (start-up, encoding, loading, training, ...), for the report."""
+
+    def __init__(self, runtime):
+        self.runtime, self.seconds = runtime, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.runtime.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def add(self, name, seconds):
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def report(self, n_updates):
+        parts = [f"{name} {s:.1f} s" for name, s in self.seconds.items()]
+        if n_updates and "training" in self.seconds:
+            parts.append(f"{1000 * self.seconds['training'] / n_updates:.1f} ms per update")
+        return "time: " + ", ".join(parts)
 
 
 def autocast(args, runtime):
@@ -341,71 +587,120 @@ def autocast(args, runtime):
     return torch.autocast(device_type=runtime.device.type, dtype=dtype)
 
 
-def train_update(model, towers, compute, opt, scaler, args, runtime):
-    """One update from this process's towers; returns the loss averaged over all towers."""
-    total = torch.zeros((), device=runtime.device)
-    for i, (xmb, mmb, ymb) in enumerate(towers):
-        if not args.plain:
-            xmb, mmb = trim(xmb, mmb)
-        X, M, Y = to_device(xmb, runtime), to_device(mmb, runtime), to_device(ymb, runtime, torch.long)
-        last = i == len(towers) - 1
-        sync = contextlib.nullcontext() if last or runtime.world == 1 else model.no_sync()
-        with sync:
-            with autocast(args, runtime):
-                lm_logits, clf_logits = model(X, mask=None if args.plain else M, compute_lm=args.lm_coef > 0)
-            clf, lm = compute.losses(X, Y, M, clf_logits.float(), None if lm_logits is None else lm_logits.float())
-            loss = compute.objective(clf, lm) / len(towers)
-            (scaler.scale(loss) if scaler else loss).backward()
-        total += loss.detach()
+def no_autocast(args, runtime):
+    """Backward outside autocast, without leaving the update's autocast region (whose weight casts
+    stay cached until the update ends: weights are cast once per update, not per micro-batch)."""
+    if not args.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=runtime.device.type, enabled=False)
+
+
+def batch_objective(model, batch, compute, args):
+    """The training objective of one (micro-)batch: mean task loss + lm_coef * mean LM loss."""
+    mask = None if args.plain else batch.M
+    lm_logits, clf_logits = model(batch.X, mask=mask, compute_lm=args.lm_coef > 0, plan=batch.plan)
+    clf, lm = compute.losses(batch.X, batch.Y, batch.M, clf_logits.float(),
+                             None if lm_logits is None else lm_logits.float(), plan=batch.plan)
+    return compute.objective(clf, lm)
+
+
+def train_update(model, micro_batches, compute, opt, scaler, args, runtime, stop_requested=False):
+    """One update from this process's share; returns a device tensor [mean loss, stop flag] summed
+    over processes. Nothing here waits for the device (fp16's loss scaler aside)."""
+    total = None
+    with autocast(args, runtime):
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or runtime.world == 1 else model.no_sync()
+            with sync:
+                loss = batch_objective(model, batch, compute, args) / len(micro_batches)
+                with no_autocast(args, runtime):
+                    (scaler.scale(loss) if scaler else loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+    values = torch.stack([total.float(), total.new_full((), float(stop_requested), dtype=torch.float32)])
     if runtime.world > 1:
-        dist.all_reduce(total)
-        total /= runtime.world
-    if not torch.isfinite(total):
-        raise NonFiniteLoss(f"the training loss became {total.item()} at update {opt.param_groups[0]['step'] + 1}; "
-                            "the run is stopped (lower --lr, or drop --amp fp16). The best checkpoint is untouched.")
+        dist.all_reduce(values)
+        values = torch.stack([values[0] / runtime.world, values[1]])
     if scaler:
         scaler.step(opt)
         scaler.update()
     else:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return total.item()
+    return values
+
+
+class LateReader:
+    """Reads an update's [loss, stop flag] one update later, so the host never waits for the
+    device inside an update; `flush()` reads the last one (before any evaluation or checkpoint)."""
+
+    def __init__(self, device):
+        self.device, self.pending, self.n_update = device, None, 0
+        self.loss, self.stop = None, False
+
+    def push(self, values, n_update):
+        previous = self.flush()
+        if self.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = (host, event)
+        self.pending, self.n_update = values, n_update
+        return previous
+
+    def flush(self):
+        """(loss, stop flag) of the update pushed last, or None; raises on a non-finite loss."""
+        if self.pending is None:
+            return None
+        values, self.pending = self.pending, None
+        if isinstance(values, tuple):
+            values[1].synchronize()
+            values = values[0]
+        self.loss, stop = values.tolist()
+        self.stop = self.stop or stop > 0
+        if not np.isfinite(self.loss):
+            raise NonFiniteLoss(f"the training loss became {self.loss} at update {self.n_update}; the run is "
+                                "stopped (lower --lr, or drop --amp fp16). The best checkpoint is untouched.")
+        return self.loss, self.stop
 
 
 @torch.no_grad()
-def predict_logits(model, X, M, args, runtime):
-    """Classifier logits of every example: no dropout, no LM logits, batches of similar length."""
+def predict_logits(model, X, M, args, runtime, clf_token=None):
+    """Task logits of every example: no dropout, no LM logits, batches of similar length, read back
+    once at the end. The caller's train/eval mode is restored."""
+    was_training = model.training
     model.eval()
-    order = np.argsort(M.sum(-1).max(-1), kind="stable") if not args.plain else np.arange(len(X))
-    logits = np.zeros((len(X), X.shape[1]), dtype=np.float32)
-    batch = args.n_batch * args.n_gpu if args.plain else args.eval_batch
-    for idx in iter_data(order, n_batch=batch):
-        xmb, mmb = (X[idx], M[idx]) if args.plain else trim(X[idx], M[idx])
-        with autocast(args, runtime):
-            mask = None if args.plain else to_device(mmb, runtime)
-            _, clf_logits = model(to_device(xmb, runtime), mask=mask, compute_lm=args.plain)
-        logits[idx] = clf_logits.float().cpu().numpy()
-    model.train()
-    return logits
+    try:
+        if clf_token is None:
+            clf_token = _task_head(model).clf_token
+        order = np.argsort(M.sum(-1).max(-1), kind="stable") if not args.plain else np.arange(len(X))
+        batch_size = args.n_batch * args.n_gpu if args.plain else args.eval_batch
+        outputs = []
+        for idx in iter_data(order, n_batch=batch_size):
+            batch = make_batch(X[idx], M[idx], None, clf_token, runtime.device, batch_mode(args, training=False),
+                               lm=False)
+            with autocast(args, runtime):
+                _, logits = model(batch.X, mask=None, compute_lm=args.plain, plan=batch.plan)
+            outputs.append(logits.float())
+        logits = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0,), np.float32)
+        result = np.empty_like(logits)
+        result[order] = logits
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _task_head(model):
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return model.task_head
 
 
 def evaluate(model, X, M, Y, args, runtime):
     logits = predict_logits(model, X, M, args, runtime)
     cost = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(Y).long()).item()
     return cost, float(np.mean(np.argmax(logits, 1) == Y) * 100)
-
-
-def log_point(model, data, progress, logger, args, runtime, best_path):
-    """The original's log(): costs and accuracies on 374 training and the validation stories."""
-    trX, trM, trY = (a[:args.n_valid] for a in data["train"])
-    tr_cost, tr_acc = evaluate(model, trX, trM, trY, args, runtime)
-    va_cost, va_acc = evaluate(model, *data["valid"], args, runtime)
-    logger.log(n_epochs=progress.n_epochs, n_updates=progress.n_updates, tr_cost=tr_cost, va_cost=va_cost,
-               tr_acc=tr_acc, va_acc=va_acc)
-    tqdm.write(f"{progress.n_epochs} {progress.n_updates} {tr_cost:.3f} {va_cost:.3f} {tr_acc:.2f} {va_acc:.2f}")
-    if args.submit and va_acc > progress.best_score:
-        progress.best_score = va_acc
-        save_best_params(model, best_path)
 
 
 def write_submission(predictions, path):
@@ -418,7 +713,9 @@ def write_submission(predictions, path):
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current update, save a resumable checkpoint, then exit."""
+    """Ctrl-C / SIGTERM: finish the current update, save a resumable checkpoint, then exit.
+    Under torchrun the request travels with the update's loss, so every process stops after the
+    same update."""
 
     def __init__(self):
         self.requested = False
@@ -440,164 +737,345 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def save_checkpoint(path, model, opt, progress, logger_lines, args, shuffle_rng):
-    state = dict(model=model.state_dict(), optimizer=opt.state_dict(), n_epochs=progress.n_epochs,
-                 n_updates=progress.n_updates, update_in_epoch=progress.update_in_epoch,
-                 best_score=progress.best_score, epoch_rng=progress.epoch_rng, rng=rng_state(shuffle_rng),
-                 log_lines=logger_lines, args=vars(args))
-    atomic_save(state, path)
-
-
 def count_lines(path):
     with open(path) as f:
         return sum(1 for _ in f)
 
 
-def run(args, runtime):
-    t_start = time.time()
-    desc = args.desc or args.dataset
+# ------------------------------------------------------------------------------------------------
+# The run, phase by phase
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a run's phases share."""
+
+    args: argparse.Namespace
+    runtime: Runtime
+    times: PhaseTimes
+    data: TaskData = None
+    model: torch.nn.Module = None
+    train_model: torch.nn.Module = None
+    opt: OpenAIAdam = None
+    compute: object = None
+    scaler: object = None
+    data_rng: np.random.RandomState = None
+    progress: Progress = field(default_factory=Progress)
+    logger: ResultLogger = None
+    writer: BackgroundWriter = field(default_factory=BackgroundWriter)
+    n_updates_total: int = 0
+    compile_shapes: dict = field(default_factory=dict)
+
+    @property
+    def desc(self):
+        return self.args.desc or self.args.dataset
+
+    @property
+    def save_dir(self):
+        return os.path.join(self.args.save_dir, self.desc)
+
+    @property
+    def best_path(self):
+        return os.path.join(self.save_dir, "best_params.safetensors")
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.save_dir, "checkpoint.pt")
+
+    @property
+    def log_path(self):
+        return os.path.join(self.args.log_dir, f"{self.desc}.jsonl")
+
+
+def set_up(args, runtime, times):
+    """Seeds, data, model with its pre-trained weights, optimizer: a Run ready for its first update.
+
+    One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
+    is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
+    run = Run(args, runtime, times)
     random.seed(args.seed)
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed + runtime.rank)
-    shuffle_rng = np.random.RandomState(args.seed)
+    run.data_rng = np.random.RandomState(args.seed)
 
-    text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
-    n_vocab_weights, n_positions = pretrained_sizes(args.model_path)
-    if len(text_encoder.encoder) != n_vocab_weights:
-        raise RunError(f"the vocabulary {args.encoder_path} has {len(text_encoder.encoder)} entries but the weights "
-                       f"in {args.model_path} have {n_vocab_weights} token rows: they do not belong together")
-    if args.n_ctx // 2 - 2 < 1:
-        raise RunError(f"--n_ctx {args.n_ctx} is too small")
-    data, specials, n_ctx = load_rocstories(args, text_encoder)
-    if n_ctx > n_positions:
-        raise RunError(f"the data needs n_ctx={n_ctx} positions but the weights have only {n_positions}; "
+    with times("encoding"):
+        text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
+        n_vocab_weights, n_positions = pretrained_sizes(args.model_path)
+        if len(text_encoder.encoder) != n_vocab_weights:
+            raise RunError(f"the vocabulary {args.encoder_path} has {len(text_encoder.encoder)} entries but the "
+                           f"weights in {args.model_path} have {n_vocab_weights} token rows: they do not belong "
+                           "together")
+        run.data = load_rocstories(args, text_encoder)
+    data = run.data
+    if data.n_ctx > n_positions:
+        raise RunError(f"the data needs n_ctx={data.n_ctx} positions but the weights have only {n_positions}; "
                        f"pass --n_ctx {n_positions} to cut stories and endings")
+    vocab = data.specials.n_vocab + data.specials.n_special + data.n_ctx
+    for name, (X, M, _) in data.splits.items():
+        check_split(name, X, M, vocab, data.specials.clf_token)
 
-    cfg = make_config(args)
-    cfg.fused_attention = not args.plain
-    vocab = specials.n_vocab + specials.n_special + n_ctx
-    model = DoubleHeadModel(cfg, specials.clf_token, "multiple_choice", vocab=vocab, n_ctx=n_ctx)
-    load_openai_pretrained_model(model.transformer, n_ctx=n_ctx, n_special=specials.n_special,
-                                 n_transfer=args.n_transfer, n_embd=args.n_embd, path=args.model_path)
-    model.to(runtime.device)
+    with times("loading"):
+        cfg = make_config(args)
+        cfg.fused_attention = not args.plain
+        run.model = DoubleHeadModel(cfg, data.specials.clf_token, "multiple_choice", vocab=vocab, n_ctx=data.n_ctx)
+        load_openai_pretrained_model(run.model.transformer, n_ctx=data.n_ctx, n_special=data.specials.n_special,
+                                     n_transfer=args.n_transfer, n_embd=args.n_embd, path=args.model_path,
+                                     special_rows=run.data_rng)
+        run.model.to(runtime.device)
 
-    n_train = len(data["train"][2])
+    n_train = len(data.splits["train"][0])
     n_batch_train = args.n_batch * args.n_gpu
     if n_train < n_batch_train:
-        raise RunError(f"{n_train} training stories are fewer than one update's batch of {n_batch_train}")
-    n_updates_total = (n_train // n_batch_train) * args.n_iter
-    opt = OpenAIAdam(model.parameters(), lr=args.lr, schedule=args.lr_schedule, warmup=args.lr_warmup,
-                     t_total=n_updates_total, b1=args.b1, b2=args.b2, e=args.e, l2=args.l2,
-                     vector_l2=args.vector_l2, max_grad_norm=args.max_grad_norm)
-    compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef)
-    scaler = torch.amp.GradScaler(runtime.device.type) if args.amp == "fp16" else None
+        raise RunError(f"{n_train} training examples are fewer than one update's batch of {n_batch_train}")
+    share = n_batch_train // runtime.world
+    if args.micro_batch and share % args.micro_batch:
+        raise RunError(f"--micro_batch {args.micro_batch} must divide a process's share of the update "
+                       f"({share} examples)")
+    run.n_updates_total = (n_train // n_batch_train) * args.n_iter
+    run.opt = OpenAIAdam(run.model.parameters(), lr=args.lr, schedule=args.lr_schedule, warmup=args.lr_warmup,
+                         t_total=run.n_updates_total, b1=args.b1, b2=args.b2, e=args.e, l2=args.l2,
+                         vector_l2=args.vector_l2, max_grad_norm=args.max_grad_norm)
+    run.compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef)
+    run.scaler = torch.amp.GradScaler(runtime.device.type) if args.amp == "fp16" else None
+    return run
 
-    save_dir = os.path.join(args.save_dir, desc)
-    best_path, ckpt_path = os.path.join(save_dir, "best_params.safetensors"), os.path.join(save_dir, "checkpoint.pt")
-    log_path = os.path.join(args.log_dir, f"{desc}.jsonl")
-    progress = Progress()
-    ckpt = load_checkpoint(ckpt_path, args) if args.resume else None
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        progress = Progress(ckpt["n_epochs"], ckpt["n_updates"], ckpt["update_in_epoch"], ckpt["best_score"],
+
+def resume(run, parser_defaults):
+    """With --resume: the model, optimizer, progress and every generator as the checkpoint left them."""
+    args = run.args
+    ckpt = load_checkpoint(run.ckpt_path, args, parser_defaults)
+    load_model_state(run.model, ckpt["model"], run.ckpt_path)
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.progress = Progress(ckpt["n_epochs"], ckpt["n_updates"], ckpt["update_in_epoch"], ckpt["best_score"],
                             ckpt["epoch_rng"])
-        restore_rng(ckpt["rng"])
-        shuffle_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
-        if runtime.world > 1:  # the checkpoint holds rank 0's dropout generator: one stream per rank again
-            torch.manual_seed(args.seed + runtime.rank + 1_000_003 * progress.n_updates)
-    train_model = model
-    if runtime.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model, dynamic=True)
+    restore_rng(ckpt["rng"])
+    run.data_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
+    if run.runtime.world > 1:  # the checkpoint holds rank 0's dropout generator: one stream per rank again
+        torch.manual_seed(args.seed + run.runtime.rank + 1_000_003 * run.progress.n_updates)
+    if args.submit and not os.path.exists(run.best_path):
+        run.progress.best_score = float("-inf")
+        if run.runtime.main:
+            tqdm.write("--submit added on resume: the best parameters are kept from the next evaluation on")
+    return ckpt
 
-    logger = None
-    if runtime.main:
-        if ckpt:
-            logger = ResultLogger.reopen(log_path, keep_lines=ckpt["log_lines"])
-        else:
-            logger = ResultLogger(log_path, **vars(args))
-        if args.submit and not ckpt:
-            save_best_params(model, best_path)
-        tqdm.write(f"{n_train} train, {len(data['valid'][2])} valid, {len(data['test'][0])} test stories; "
-                   f"n_ctx {n_ctx}; {n_updates_total} updates of {n_batch_train} stories on {runtime.device}"
-                   + (f" x {runtime.world} processes" if runtime.world > 1 else ""))
 
-    towers_here = args.n_gpu // runtime.world
-    stop_after = args.stop_after_updates
+def start_log(run, ckpt):
+    """Rank 0's log (continued on resume), the first best parameters, and the run's summary line."""
+    args, data = run.args, run.data
+    if ckpt:
+        run.logger = ResultLogger.reopen(run.log_path, keep_lines=ckpt["log_lines"])
+    else:
+        run.logger = ResultLogger(run.log_path, **vars(args))
+    if args.submit and not os.path.exists(run.best_path):
+        save_best_params(host_copy(model_state(run.model)), run.best_path)
+    n_batch_train = args.n_batch * args.n_gpu
+    tqdm.write(f"{len(data.splits['train'][0])} train, {len(data.splits['valid'][0])} valid, "
+               f"{len(data.splits['test'][0])} test examples; n_ctx {data.n_ctx}; {run.n_updates_total} updates "
+               f"of {n_batch_train} on {run.runtime.device}"
+               + (f" x {run.runtime.world} processes" if run.runtime.world > 1 else ""))
+
+
+def wrap_for_training(run):
+    """DDP across processes, torch.compile with static shapes (CUDA graphs on a GPU)."""
+    model = run.model
+    if run.runtime.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[run.runtime.device.index] if run.runtime.device.type == "cuda" else None)
+    if run.args.compile:
+        mode = "reduce-overhead" if run.runtime.device.type == "cuda" else None
+        model = torch.compile(model, dynamic=False, mode=mode)
+    run.train_model = model
+
+
+def micro_batches_of(run, xmb, mmb, ymb):
+    """This process's share of an update's batch, as equal micro-batches on the device."""
+    args, runtime = run.args, run.runtime
+    share = len(xmb) // runtime.world
+    mine = slice(runtime.rank * share, (runtime.rank + 1) * share)
+    xmb, mmb, ymb = xmb[mine], mmb[mine], ymb[mine]
+    size = args.micro_batch or share
+    return [make_batch(xmb[k:k + size], mmb[k:k + size], ymb[k:k + size], run.data.specials.clf_token,
+                       runtime.device, batch_mode(args), lm=args.lm_coef > 0) for k in range(0, share, size)]
+
+
+def epoch_order(rng, n):
+    """The order of one epoch: scikit-learn's shuffle driven by the run's numpy generator, as the
+    TF script shuffles its training arrays (the same draws, so the same order)."""
+    return shuffle(np.arange(n), random_state=rng)
+
+
+def train_epoch(run, stop, reader, bar_enabled):
+    """The remaining updates of the current epoch; returns True when a stop was requested."""
+    args, progress = run.args, run.progress
+    if progress.update_in_epoch == 0:
+        progress.epoch_rng = numpy_rng_state(run.data_rng)
+    else:  # resuming inside an epoch: shuffle again from its start
+        run.data_rng.set_state(numpy_state(progress.epoch_rng))
+    X, M, Y = run.data.splits["train"]
+    order = epoch_order(run.data_rng, len(X))
+    n_batch_train = args.n_batch * args.n_gpu
+    n_batches = len(X) // n_batch_train
+    bar = tqdm(total=n_batches, initial=progress.update_in_epoch, ncols=100, leave=False, mininterval=1,
+               disable=not bar_enabled, desc=f"epoch {progress.n_epochs + 1}/{args.n_iter}")
+    start = time.perf_counter()
     try:
-        with StopRequest() as stop:
-            while progress.n_epochs < args.n_iter:
-                if progress.update_in_epoch == 0:
-                    progress.epoch_rng = numpy_rng_state(shuffle_rng)
-                else:  # resuming inside an epoch: shuffle again from its start
-                    shuffle_rng.set_state(numpy_state(progress.epoch_rng))
-                trX, trM, trY = shuffle(*data["train"], random_state=shuffle_rng)
-                batches = list(iter_data(trX, trM, trY, n_batch=n_batch_train, truncate=True))
-                bar = tqdm(total=len(batches), initial=progress.update_in_epoch, ncols=100, leave=False, mininterval=1,
-                           disable=not runtime.main, desc=f"epoch {progress.n_epochs + 1}/{args.n_iter}")
-                for xmb, mmb, ymb in batches[progress.update_in_epoch:]:
-                    mine = slice(runtime.rank * towers_here * args.n_batch,
-                                 (runtime.rank + 1) * towers_here * args.n_batch)
-                    xmb, mmb, ymb = xmb[mine], mmb[mine], ymb[mine]
-                    towers = [(xmb[k:k + args.n_batch], mmb[k:k + args.n_batch], ymb[k:k + args.n_batch])
-                              for k in range(0, len(xmb), args.n_batch)]
-                    cost = train_update(train_model, towers, compute, opt, scaler, args, runtime)
-                    progress.n_updates += 1
-                    progress.update_in_epoch += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{cost:.3f}", lr=f"{opt.current_lr():.2e}")
-                    if progress.n_updates in LOG_UPDATES and progress.n_epochs == 0 and runtime.main:
-                        log_point(model, data, progress, logger, args, runtime, best_path)
-                    if stop_after is not None and progress.n_updates >= stop_after:
-                        stop.requested = True
-                    if stop.requested:
-                        break
-                bar.close()
-                if stop.requested and progress.update_in_epoch < len(batches):
-                    break
-                progress.n_epochs += 1
-                progress.update_in_epoch = 0
-                if runtime.main:
-                    log_point(model, data, progress, logger, args, runtime, best_path)
-                    save_checkpoint(ckpt_path, model, opt, progress, count_lines(log_path), args, shuffle_rng)
-                if stop.requested:
-                    break
-            if stop.requested:
-                if runtime.main and progress.update_in_epoch:  # (at an epoch's end it is saved already)
-                    save_checkpoint(ckpt_path, model, opt, progress, count_lines(log_path), args, shuffle_rng)
-                if runtime.main:
-                    tqdm.write(f"stopped after {progress.n_updates} updates; continue with --resume "
-                               f"(checkpoint: {ckpt_path})")
-                return 130
+        for b in range(progress.update_in_epoch, n_batches):
+            idx = order[b * n_batch_train:(b + 1) * n_batch_train]
+            batches = micro_batches_of(run, X[idx], M[idx], Y[idx])
+            shape = tuple(batches[0].X.shape)
+            t0 = time.perf_counter()
+            values = train_update(run.train_model, batches, run.compute, run.opt, run.scaler, args, run.runtime,
+                                  stop_requested=stop.requested)
+            progress.n_updates += 1
+            progress.update_in_epoch += 1
+            if args.compile and shape not in run.compile_shapes:
+                run.runtime.synchronize()
+                run.compile_shapes[shape] = time.perf_counter() - t0
+            previous = reader.push(values, progress.n_updates)
+            bar.update(1)
+            if previous:
+                bar.set_postfix(loss=f"{previous[0]:.3f}", lr=f"{run.opt.current_lr():.2e}", refresh=False)
+            if progress.n_updates in LOG_UPDATES and progress.n_epochs == 0:
+                reader.flush()
+                run.times.add("training", time.perf_counter() - start)
+                log_point(run)
+                start = time.perf_counter()
+            if args.stop_after_updates is not None and progress.n_updates >= args.stop_after_updates:
+                stop.requested = True
+                reader.flush()
+                return True
+            if reader.stop:
+                return True
+        reader.flush()
+        return reader.stop
     finally:
-        if logger:
-            logger.close()
-        if runtime.world > 1:
-            dist.barrier()
+        run.runtime.synchronize()
+        run.times.add("training", time.perf_counter() - start)
+        bar.close()
 
-    if runtime.main and args.submit:
-        load_best_params(model, best_path)
-        logits = predict_logits(model, *data["test"], args, runtime)
+
+def log_point(run):
+    """The original's log(): costs and accuracies on the first n_valid training examples and the
+    validation set; rank 0 logs and keeps the best parameters; every rank learns the best score."""
+    args, progress = run.args, run.progress
+    with run.times("evaluation"):
+        score = None
+        if run.runtime.main:
+            trX, trM, trY = (a[:args.n_valid] for a in run.data.splits["train"])
+            tr_cost, tr_acc = evaluate(run.model, trX, trM, trY, args, run.runtime)
+            va_cost, va_acc = evaluate(run.model, *run.data.splits["valid"], args, run.runtime)
+            run.logger.log(n_epochs=progress.n_epochs, n_updates=progress.n_updates, tr_cost=tr_cost,
+                           va_cost=va_cost, tr_acc=tr_acc, va_acc=va_acc)
+            tqdm.write(f"{progress.n_epochs} {progress.n_updates} {tr_cost:.3f} {va_cost:.3f} {tr_acc:.2f} "
+                       f"{va_acc:.2f}")
+            score = va_acc
+    if score is not None and args.submit and score > progress.best_score:
+        progress.best_score = score
+        with run.times("checkpoint writing"):
+            run.writer.submit(save_best_params, host_copy(model_state(run.model)), run.best_path)
+
+
+def save_checkpoint(run):
+    """A resumable checkpoint from host copies, written in the background (atomic)."""
+    if not run.runtime.main:
+        return
+    progress = run.progress
+    with run.times("checkpoint writing"):
+        state = dict(model=host_copy(model_state(run.model)), optimizer=host_copy(run.opt.state_dict()),
+                     n_epochs=progress.n_epochs, n_updates=progress.n_updates,
+                     update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
+                     epoch_rng=progress.epoch_rng, rng=rng_state(run.data_rng),
+                     log_lines=count_lines(run.log_path), args=vars(run.args))
+        run.writer.submit(atomic_save, state, run.ckpt_path)
+
+
+def train_all(run):
+    """Every epoch, with a log point and a checkpoint after each; returns True if stopped early."""
+    args, progress = run.args, run.progress
+    reader = LateReader(run.runtime.device)
+    with StopRequest() as stop:
+        while progress.n_epochs < args.n_iter:
+            stopped = train_epoch(run, stop, reader, bar_enabled=run.runtime.main)
+            n_batches = len(run.data.splits["train"][0]) // (args.n_batch * args.n_gpu)
+            if stopped and progress.update_in_epoch < n_batches:
+                save_checkpoint(run)
+                return True
+            progress.n_epochs += 1
+            progress.update_in_epoch = 0
+            if run.runtime.main:
+                log_point(run)
+            save_checkpoint(run)
+            if stopped:
+                return True
+    return False
+
+
+def report_compile(run):
+    """What --compile cost, and whether this run gained from it."""
+    if not run.compile_shapes:
+        return
+    training = run.times.seconds.get("training", 0.0)
+    first_calls = sum(run.compile_shapes.values())
+    tqdm.write(f"--compile: {len(run.compile_shapes)} training graphs; their first updates (compiling) took "
+               f"{first_calls:.1f} s of {training:.1f} s of training")
+    if first_calls > 0.5 * training:
+        tqdm.write("--compile: compiling took most of the training time: this run does not gain from --compile")
+
+
+def predict(run):
+    """The best validation parameters predict the test set; the submission and the analysis."""
+    args = run.args
+    with run.times("prediction"):
+        load_best_params(run.model, run.best_path)
+        logits = predict_logits(run.model, *run.data.splits["test"][:2], args, run.runtime)
         pred_path = os.path.join(args.submission_dir, "ROCStories.tsv")
         write_submission(np.argmax(logits, 1), pred_path)
-        if args.analysis:
-            analysis.rocstories(args.data_dir, pred_path, log_path)
+    if args.analysis:
+        analysis.rocstories(args.data_dir, pred_path, run.log_path)
+
+
+def run_training(args, runtime, parser_defaults=None, t_start=None):
+    """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), prediction."""
+    t_start = t_start or time.time()
+    times = PhaseTimes(runtime)
+    times.add("start-up", time.time() - t_start)
+    run = set_up(args, runtime, times)
+    ckpt = resume(run, parser_defaults or {}) if args.resume else None
+    wrap_for_training(run)
+    try:
+        if runtime.main:
+            start_log(run, ckpt)
+        stopped = train_all(run)
+        run.writer.wait()
+    finally:
+        if run.logger:
+            run.logger.close()
+        if runtime.world > 1:
+            dist.barrier()
+    if stopped:
+        if runtime.main:
+            tqdm.write(f"stopped after {run.progress.n_updates} updates; continue with --resume "
+                       f"(checkpoint: {run.ckpt_path})")
+        return 130
+    if runtime.main and args.submit:
+        predict(run)
     if runtime.main:
+        report_compile(run)
+        tqdm.write(times.report(run.progress.n_updates))
         tqdm.write(f"done in {time.time() - t_start:.1f} s")
     return 0
 
 
 def main(argv=None):
+    t_start = time.time()
+    parser_defaults = vars(build_parser().parse_args([]))
     args = parse_args(argv)
     runtime = None
     try:
+        validate_args(args)
         if args.demo:
             prepare_demo(args)
         runtime = setup_runtime(args)
-        return run(args, runtime)
+        return run_training(args, runtime, parser_defaults, t_start)
     except (RunError, DataError, VocabularyError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -91,9 +91,9 @@ def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
     load_model(model, tmp_path / "save" / "run" / "best_params.safetensors")
     args = train.parse_args(arguments(setup, tmp_path))
     encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data, specials, data_n_ctx = train.load_rocstories(args, encoder)
-    assert data_n_ctx == n_ctx
-    logits = train.predict_logits(model, *data["test"], args, train.Runtime(torch.device("cpu")))
+    data = train.load_rocstories(args, encoder)
+    assert data.n_ctx == n_ctx
+    logits = train.predict_logits(model, *data.splits["test"][:2], args, train.Runtime(torch.device("cpu")))
     lines = (tmp_path / "sub" / "ROCStories.tsv").read_text().splitlines()[1:]
     assert np.argmax(logits, 1).tolist() == [int(line.split("\t")[1]) for line in lines]
 
@@ -256,13 +256,14 @@ def test_bf16_autocast_runs_on_cpu(setup, tmp_path):
 def test_fast_evaluation_equals_the_plain_path(setup):
     args = train.parse_args(arguments(setup, setup))
     encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data, specials, n_ctx = train.load_rocstories(args, encoder)
+    data = train.load_rocstories(args, encoder)
+    specials, n_ctx = data.specials, data.n_ctx
     from model_pytorch import DoubleHeadModel, GPTConfig
     torch.manual_seed(0)
     model = DoubleHeadModel(GPTConfig(n_embd=32, n_head=4, n_layer=2), specials.clf_token, "multiple_choice",
                             vocab=specials.n_vocab + 3 + n_ctx, n_ctx=n_ctx)
     runtime = train.Runtime(torch.device("cpu"))
-    fast = train.predict_logits(model, *data["test"], args, runtime)
+    fast = train.predict_logits(model, *data.splits["test"][:2], args, runtime)
     args.plain = True
-    plain = train.predict_logits(model, *data["test"], args, runtime)
+    plain = train.predict_logits(model, *data.splits["test"][:2], args, runtime)
     assert np.abs(fast - plain).max() <= 1e-5
