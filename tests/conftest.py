@@ -69,3 +69,50 @@ def make_inputs(n_vocab, n_special, n_ctx, shape, seed=0, high=None):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+class SyncCounter:
+    """Counts the tensor calls that make the host wait for the device on a GPU (item, bool, int,
+    float, tolist, cpu, numpy, nonzero, boolean-mask indexing), while `active`. On a CPU they cost
+    nothing, but where they happen is the same: this is how GPU stalls are found without a GPU."""
+
+    NAMES = ("item", "__bool__", "__int__", "__float__", "tolist", "cpu", "numpy", "nonzero")
+
+    def __init__(self, monkeypatch):
+        self.active, self.calls = False, []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), name))
+        monkeypatch.setattr(torch, "nonzero", self._counted(torch.nonzero, "torch.nonzero"))
+        getitem = torch.Tensor.__getitem__
+
+        def counted_getitem(tensor, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if self.active and any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                self.calls.append("boolean indexing")
+            return getitem(tensor, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", counted_getitem)
+
+    def _counted(self, method, name):
+        def counted(*args, **kwargs):
+            if self.active:
+                self.calls.append(name)
+            return method(*args, **kwargs)
+        return counted
+
+    def wrap(self, owner, name, monkeypatch):
+        """Count inside every call of owner.name."""
+        method = getattr(owner, name)
+
+        def counting(*args, **kwargs):
+            outer, self.active = self.active, True
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.active = outer
+        monkeypatch.setattr(owner, name, counting)
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    return SyncCounter(monkeypatch)

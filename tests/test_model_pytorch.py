@@ -425,3 +425,19 @@ def test_fixture_shapes_match_the_real_file():
     assert real == mp.openai_shapes()
     assert sum(int(np.prod(s)) for s in real) == 116_534_784
     assert [list(a.shape) for a in random_openai_arrays(n_layer=1, seed=0)] == real[:14]
+
+
+def test_special_rows_argument_of_the_loader(tiny_openai_dir):
+    n_vocab, n_ctx = TINY["n_vocab"], TINY["n_ctx"]
+    model = TransformerModel(tiny_config(), vocab=n_vocab + 3 + n_ctx, n_ctx=n_ctx)
+    rows = lambda: model.embed.weight[n_vocab:n_vocab + 3].detach().numpy().copy()
+    load_openai_pretrained_model(model, n_special=3, n_transfer=2, n_embd=32, path=tiny_openai_dir,
+                                 special_rows=np.random.RandomState(42))
+    np.testing.assert_array_equal(rows(), (np.random.RandomState(42).randn(3, 32) * 0.02).astype(np.float32))
+    values = np.arange(96, dtype=np.float32).reshape(3, 32)
+    load_openai_pretrained_model(model, n_special=3, n_transfer=2, n_embd=32, path=tiny_openai_dir, special_rows=values)
+    np.testing.assert_array_equal(rows(), values)
+    torch.manual_seed(3)
+    load_openai_pretrained_model(model, n_special=3, n_transfer=2, n_embd=32, path=tiny_openai_dir)  # torch's generator
+    torch.manual_seed(3)
+    np.testing.assert_array_equal(rows(), torch.empty(3, 32).normal_(std=0.02).numpy())

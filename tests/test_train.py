@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import analysis
 import train
@@ -267,3 +268,397 @@ def test_fast_evaluation_equals_the_plain_path(setup):
     args.plain = True
     plain = train.predict_logits(model, *data.splits["test"][:2], args, runtime)
     assert np.abs(fast - plain).max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the original's numpy stream
+
+def reference_orders(seed, n_embd, n_train, n_epochs):
+    """The TF script's draws written out: seed numpy's generator, special rows first, then one
+    scikit-learn shuffle of the training arrays per epoch from the same generator."""
+    from sklearn.utils import shuffle
+
+    rng = np.random.RandomState(seed)
+    special = (rng.randn(3, n_embd) * 0.02).astype(np.float32)
+    return special, [shuffle(np.arange(n_train), random_state=rng) for _ in range(n_epochs)]
+
+
+def record_epochs(monkeypatch):
+    """The order of each epoch and the first batch the training loop then used."""
+    seen = dict(orders=[], first_batches=[])
+    real_order, real_micro = train.epoch_order, train.micro_batches_of
+
+    def order(rng, n):
+        seen["orders"].append(real_order(rng, n))
+        seen["expect_first"] = True
+        return seen["orders"][-1]
+
+    def micro(run, xmb, mmb, ymb):
+        if seen.pop("expect_first", False):
+            seen["first_batches"].append(xmb.copy())
+        return real_micro(run, xmb, mmb, ymb)
+
+    monkeypatch.setattr(train, "epoch_order", order)
+    monkeypatch.setattr(train, "micro_batches_of", micro)
+    return seen
+
+
+def test_special_rows_and_epoch_orders_follow_the_original_numpy_stream(setup, tmp_path, monkeypatch):
+    argv = arguments(setup, tmp_path, "--seed", "42", "--n_iter", "3")
+    args = train.parse_args(argv)
+    run = train.set_up(args, train.Runtime(torch.device("cpu")), train.PhaseTimes(train.Runtime(torch.device("cpu"))))
+    n_vocab, n_train = run.data.specials.n_vocab, len(run.data.splits["train"][0])
+    special, orders = reference_orders(42, 32, n_train, 3)
+    np.testing.assert_array_equal(run.model.transformer.embed.weight[n_vocab:n_vocab + 3].detach().numpy(), special)
+
+    seen = record_epochs(monkeypatch)
+    assert train.main(argv) == 0
+    assert len(seen["orders"]) == 3
+    X = run.data.splits["train"][0]
+    for got, want, first in zip(seen["orders"], orders, seen["first_batches"]):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(first, X[want[:16]])  # the loop trains on that order
+
+
+def test_resumed_run_keeps_the_original_epoch_orders(setup, tmp_path, monkeypatch):
+    argv = arguments(setup, tmp_path, "--seed", "42", "--n_iter", "3")
+    assert train.main(argv + ["--stop_after_updates", "7"]) == 130  # inside epoch 2
+    seen = record_epochs(monkeypatch)
+    assert train.main(argv + ["--resume"]) == 0
+    n_train = 80
+    _, orders = reference_orders(42, 32, n_train, 3)
+    assert len(seen["orders"]) == 2  # epoch 2 (shuffled again from its start) and epoch 3
+    for got, want in zip(seen["orders"], orders[1:]):
+        np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- the GPU-first training step
+
+def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, monkeypatch, sync_counter):
+    updates, forwards = [], []
+    real_update = train.train_update
+
+    def update(*a, **k):
+        before = len(sync_counter.calls)
+        values = real_update(*a, **k)
+        updates.append(len(sync_counter.calls) - before)
+        return values
+
+    sync_counter.wrap(train, "train_update", monkeypatch)
+    monkeypatch.setattr(train, "train_update", update)
+    sync_counter.wrap(train.LateReader, "push", monkeypatch)
+    from model_pytorch import DoubleHeadModel
+    real_forward = DoubleHeadModel.forward
+
+    def forward(self, *a, **k):
+        before = len(sync_counter.calls)
+        outer, sync_counter.active = sync_counter.active, True
+        try:
+            return real_forward(self, *a, **k)
+        finally:
+            sync_counter.active = outer
+            if not self.training:
+                forwards.append(len(sync_counter.calls) - before)
+
+    monkeypatch.setattr(DoubleHeadModel, "forward", forward)
+    pushes = []
+    real_push = train.LateReader.push
+    monkeypatch.setattr(train.LateReader, "push", lambda self, *a: pushes.append(len(sync_counter.calls)) or
+                        real_push(self, *a))
+    assert train.main(arguments(setup, tmp_path, "--n_iter", "1")) == 0
+    total = len(sync_counter.calls) - sum(forwards)
+    print(f"syncs: {sync_counter.calls[:12]}; per update {updates}; evaluation forwards {set(forwards)}")
+    assert len(updates) == 5 and max(updates) == 0  # inside train_update: none
+    assert total <= len(updates)  # with reading the loss one update late: at most 1 per update
+    assert forwards and set(forwards) == {0}
+
+
+def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
+    calls = []
+    real = train.batch_objective
+    monkeypatch.setattr(train, "batch_objective", lambda model, batch, *a: calls.append(len(batch.Y)) or
+                        real(model, batch, *a))
+    assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1")) == 0
+    assert calls == [16] * 5  # n_batch 4 x n_gpu 4 in one forward per update
+    calls.clear()
+    assert train.main(arguments(setup, tmp_path / "micro", "--n_iter", "1", "--micro_batch", "4")) == 0
+    assert calls == [4] * 20
+
+
+def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
+    one, towers = tmp_path / "one", tmp_path / "towers"
+    assert train.main(arguments(setup, one, *NO_DROPOUT)) == 0
+    assert train.main(arguments(setup, towers, *NO_DROPOUT, "--micro_batch", "4")) == 0
+    a, b = final_state(one)["model"], final_state(towers)["model"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
+    print(f"one pass vs 4 micro-batches: max parameter difference {worst:.1e}")  # measured 2.0e-7
+    assert worst <= 1e-6
+
+
+def param_casts(model, fn):
+    """How many times autocast casts a parameter while fn runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = {p.data_ptr() for p in model.parameters()}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in params:
+                Casts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Casts():
+        fn()
+    return Casts.count
+
+
+def test_autocast_casts_the_weights_once_per_update(setup, tmp_path):
+    counts = {}
+    for micro in ("16", "4"):
+        args = train.parse_args(arguments(setup, tmp_path, "--amp", "bf16", "--micro_batch", micro))
+        runtime = train.Runtime(torch.device("cpu"))
+        run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+        train.wrap_for_training(run)
+        X, M, Y = (a[:16] for a in run.data.splits["train"])
+        batches = train.micro_batches_of(run, X, M, Y)
+        counts[micro] = param_casts(run.model, lambda run=run, batches=batches, args=args, runtime=runtime:
+                                    train.train_update(run.train_model, batches, run.compute, run.opt, None, args,
+                                                       runtime))
+    print(f"parameter casts per update: {counts}")
+    assert counts["16"] > 0 and counts["4"] == counts["16"]
+
+
+@pytest.mark.slow
+def test_compiled_bucketed_path_equals_eager(setup, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert train.main(arguments(setup, eager, *NO_DROPOUT, "--n_iter", "1")) == 0
+    assert train.main(arguments(setup, compiled, *NO_DROPOUT, "--n_iter", "1", "--compile")) == 0
+    a, b = final_state(eager)["model"], final_state(compiled)["model"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
+    print(f"--compile vs eager: max parameter difference {worst:.1e}")
+    assert worst <= 1e-5
+
+
+def test_encoding_is_cached_and_follows_the_data(setup, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data", data)
+    args = train.parse_args(arguments(setup, tmp_path) + ["--data_dir", str(data)])
+    encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
+    first = train.load_rocstories(args, train.TextEncoder(args.encoder_path, args.bpe_path))
+    calls = []
+    real = train.encode_dataset
+    monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = train.load_rocstories(args, encoder)
+    assert calls == []  # read from the cache
+    for name in first.splits:
+        np.testing.assert_array_equal(first.splits[name][0], again.splits[name][0])
+    path = data / ROC_TEST
+    path.write_text(path.read_text().replace("smiled", "grinned"))
+    changed = train.load_rocstories(args, train.TextEncoder(args.encoder_path, args.bpe_path))
+    assert calls == [1]  # the data changed: encoded again
+    assert not np.array_equal(changed.splits["test"][0], first.splits["test"][0])
+
+
+# ----------------------------------------------------------------------------- the objective, schedule, best parameters
+
+def test_the_update_trains_on_the_task_and_the_lm_loss(setup, tmp_path):
+    """The gradient of one update equals that of mean(clf loss) + 0.5 mean(LM loss) written out
+    from the model's full outputs (docs/reference.md §2): dropping the LM term fails here."""
+    args = train.parse_args(arguments(setup, tmp_path, *NO_DROPOUT))
+    runtime = train.Runtime(torch.device("cpu"))
+    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+    train.wrap_for_training(run)
+    X, M, Y = (a[:16] for a in run.data.splits["train"])
+
+    grads = {}
+
+    class Recorder:
+        def step(self):
+            grads.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
+
+        def zero_grad(self, set_to_none=True):
+            run.model.zero_grad(set_to_none=set_to_none)
+
+    values = train.train_update(run.model, train.micro_batches_of(run, X, M, Y), run.compute, Recorder(), None,
+                                args, runtime)
+
+    model = run.model
+    Xt, Mt, Yt = torch.from_numpy(X), torch.from_numpy(M), torch.from_numpy(Y).long()
+    we = model.transformer.embed.weight
+    h = model.transformer(Xt, we)  # [32 sequences, T, n_embd], every position
+    logits = h[:, :-1] @ we.T
+    targets = Xt[..., 1:, 0].reshape(32, -1)
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    mask = Mt.reshape(32, -1)[:, 1:]
+    lm = ((token_loss.view(32, -1) * mask).sum(1) / mask.sum(1)).mean()
+    first_clf = (Xt[..., 0].reshape(32, -1) == run.data.specials.clf_token).int().argmax(1)
+    pooled = h[torch.arange(32), first_clf]
+    clf_logits = model.task_head.linear(pooled).view(16, 2)
+    expected = F.cross_entropy(clf_logits, Yt) + 0.5 * lm
+    model.zero_grad()
+    expected.backward()
+    assert values[0].item() == pytest.approx(expected.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        if name != "task_head.linear.bias":
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_schedule_length_is_the_number_of_updates(setup, tmp_path):
+    assert train.main(arguments(setup, tmp_path)) == 0
+    group = final_state(tmp_path)["optimizer"]["param_groups"][0]
+    n_train, n_batch, n_gpu, n_iter = 80, 4, 4, 2
+    assert group["t_total"] == (n_train // (n_batch * n_gpu)) * n_iter == 10
+
+
+def test_the_best_epoch_not_the_last_predicts_the_test_set(setup, tmp_path, monkeypatch):
+    """Validation accuracy scripted to peak at epoch 1: the submission must come from the
+    parameters of epoch 1 (saved as the best), not from those of the last epoch."""
+    real_evaluate = train.evaluate
+    scripted = iter([None, 90.0, None, 50.0])  # (train, valid) per log point: valid 90, then 50
+
+    def evaluate(*a):
+        cost, acc = real_evaluate(*a)
+        forced = next(scripted)
+        return cost, acc if forced is None else forced
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    used = {}
+    real_predict = train.predict_logits
+
+    def predict_logits(model, *a, **k):
+        used["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return real_predict(model, *a, **k)
+
+    monkeypatch.setattr(train, "predict_logits", predict_logits)
+    assert train.main(arguments(setup, tmp_path, "--submit")) == 0
+    from safetensors.torch import load_file
+    best = load_file(tmp_path / "save" / "run" / "best_params.safetensors")
+    last = final_state(tmp_path)["model"]
+    name = "transformer.h.1.mlp.c_fc.w"
+    assert not torch.equal(best[name], last[name])
+    assert all(torch.equal(used["params"][n], best[n]) for n in best)
+
+
+def test_predict_logits_keeps_the_callers_mode(setup):
+    args = train.parse_args(arguments(setup, setup))
+    runtime = train.Runtime(torch.device("cpu"))
+    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+    X, M, _ = (a[:8] for a in run.data.splits["valid"])
+    for training in (True, False):
+        run.model.train(training)
+        train.predict_logits(run.model, X, M, args, runtime)
+        assert run.model.training is training and run.model.transformer.h[0].training is training
+
+
+# ----------------------------------------------------------------------------- resume, flags, stops
+
+@pytest.fixture(scope="module")
+def interrupted(setup, tmp_path_factory):
+    """A run stopped after 3 updates, without --submit."""
+    out = tmp_path_factory.mktemp("interrupted")
+    assert train.main(arguments(setup, out, "--stop_after_updates", "3")) == 130
+    return out
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--n_ctx", "64"), ("--embd_pdrop", "0.5"), ("--attn_pdrop", "0.2"), ("--clf_pdrop", "0.3"), ("--plain", None),
+    ("--amp", "bf16"), ("--n_transfer", "1"), ("--micro_batch", "4"), ("--lr", "1e-4"), ("--seed", "7"),
+    ("--compile", None), ("--lm_coef", "0"),
+])
+def test_resume_refuses_a_changed_setting(setup, interrupted, flag, value, capsys):
+    argv = arguments(setup, interrupted, "--resume", flag, *([value] if value else []))
+    expect_failure(argv, rf"error: --resume: the checkpoint was made with other settings: {flag} ", capsys)
+
+
+def test_resume_compares_every_setting_of_the_run_group():
+    settings = set(train.run_settings(train.build_parser()))
+    assert {"n_ctx", "embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop", "plain", "amp", "n_transfer",
+            "micro_batch", "compile", "seed", "n_iter", "n_batch", "n_gpu", "lr", "afn"} <= settings
+    assert not {"submit", "analysis", "data_dir", "log_dir", "save_dir", "device", "eval_batch", "resume"} & settings
+
+
+def test_submit_added_on_resume(setup, interrupted, capsys):
+    import shutil
+
+    out = interrupted.parent / "submit_added"
+    shutil.copytree(interrupted, out)
+    assert train.main(arguments(setup, out, "--resume", "--submit", "--analysis")) == 0
+    assert "--submit added on resume" in capsys.readouterr().out
+    assert len((out / "sub" / "ROCStories.tsv").read_text().splitlines()) == 41
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--n_gpu", "0", "at least 1"), ("--eval_batch", "0", "at least 1"), ("--n_batch", "-2", "at least 1"),
+    ("--n_iter", "0", "at least 1"), ("--lr", "-1", ">= 0"), ("--embd_pdrop", "1.5", r"in \[0, 1\)"),
+    ("--b2", "1", r"in \[0, 1\)"), ("--micro_batch", "0", "at least 1"), ("--n_head", "5", "divide --n_embd"),
+    ("--n_transfer", "9", "between -1 and --n_layer"), ("--lr_warmup", "2", r"in \[0, 1\]"),
+    ("--n_valid", "0", "at least 1"),
+])
+def test_invalid_numeric_flag(setup, tmp_path, flag, value, expected, capsys):
+    expect_failure(arguments(setup, tmp_path) + [flag, value], rf"^error: {flag} \S+ is invalid: .*{expected}",
+                   capsys)
+
+
+def test_micro_batch_must_divide_the_share(setup, tmp_path, capsys):
+    expect_failure(arguments(setup, tmp_path, "--micro_batch", "5"), r"--micro_batch 5 must divide", capsys)
+
+
+def test_invalid_flag_in_a_subprocess_is_one_line(setup, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *arguments(setup, tmp_path), "--n_gpu", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == "error: --n_gpu 0 is invalid: it must be at least 1"
+
+
+def test_resume_with_more_cuda_states_than_devices(monkeypatch):
+    """A checkpoint from a machine with 3 GPUs resumes on one with 1 (and on a CPU-only one)."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    state = dict(torch=torch.get_rng_state(), python=list(__import__("random").getstate()),
+                 cuda=[torch.zeros(16, dtype=torch.uint8)] * 3)
+    train.restore_rng(state)
+    assert restored == [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    restored.clear()
+    train.restore_rng(state)
+    assert restored == []
+
+
+def child_pids(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+@pytest.mark.slow
+def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
+    import signal
+    import time
+
+    argv = arguments(setup, tmp_path, *NO_DROPOUT)
+    argv[argv.index("--n_iter") + 1] = "400"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log" / "run.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    ranks = child_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[1], signal.SIGTERM)  # one rank only
+    signalled = time.time()
+    out, err = proc.communicate(timeout=120)
+    print(f"both ranks ended {time.time() - signalled:.1f} s after the signal")
+    assert time.time() - signalled < 60
+    assert "continue with --resume" in out, err[-3000:]
+    ckpt = final_state(tmp_path)
+    assert 0 < ckpt["n_updates"] < 400 * 5
+    argv[argv.index("--n_iter") + 1] = "400"
+    resumed = train.load_checkpoint(str(tmp_path / "save" / "run" / "checkpoint.pt"), train.parse_args(argv),
+                                    vars(train.build_parser().parse_args([])))
+    assert resumed["n_updates"] == ckpt["n_updates"]
