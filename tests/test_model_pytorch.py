@@ -129,6 +129,7 @@ def test_parity_with_transformers_tiny(tiny_openai_dir, tiny_arrays, tmp_path):
     assert h_err <= 5e-6 and logit_err <= 1e-6
 
 
+@pytest.mark.slow
 def test_parity_with_transformers_full_size(full_size_weights, tmp_path):
     arrays, openai_dir, _ = full_size_weights
     ours = TransformerModel(DEFAULT_CONFIG, vocab=40478 + N_SPECIAL + 512, n_ctx=512).eval()
@@ -537,6 +538,7 @@ def test_lm_model_probs_never_predict_positions():
 
 # ----------------------------------------------------------------------------- README
 
+@pytest.mark.slow
 def test_readme_usage_snippet_runs_as_written(full_size_weights, tmp_path):
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"<!-- usage -->\s*```python\n(.*?)```", readme, re.S).group(1)
