@@ -76,7 +76,7 @@ def write_hf_checkpoint(path, arrays, n_head):
     n_layer = (len(arrays) - 2) // 12
     order = openai_order(arrays[1].shape[0], n_ctx, n_embd, n_layer)
     names = {"tokens": "tokens_embed.weight", "positions": "positions_embed.weight"}
-    state = {names.get(tf, None) or hf_name(tf): torch.from_numpy(a.reshape(a.shape[1:]) if a.ndim == 3 else a)
+    state = {names.get(tf) or hf_name(tf): torch.from_numpy(a.reshape(a.shape[1:]) if a.ndim == 3 else a)
              for (tf, _), a in zip(order, arrays)}
     os.makedirs(path, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
