@@ -52,17 +52,25 @@ class GPTConfig:
 
 
 def make_config(cfg=None) -> GPTConfig:
-    """A GPTConfig from a GPTConfig, an argparse Namespace or a dict; unknown fields are ignored."""
+    """A GPTConfig from a GPTConfig, an argparse Namespace or a dict; None values keep the default.
+
+    A Namespace holds a script's other flags too, so its unknown fields are ignored; in a dict an
+    unknown key is a typo (`n_layers`) that would silently build the default model, so it is refused.
+    """
     if cfg is None:
         return GPTConfig()
     if isinstance(cfg, GPTConfig):
         return cfg
+    known = [f.name for f in fields(GPTConfig)]
     if isinstance(cfg, Namespace):
-        cfg = vars(cfg)
+        cfg = {k: v for k, v in vars(cfg).items() if k in known}
     if not isinstance(cfg, Mapping):
         raise TypeError(f"config must be a GPTConfig, argparse.Namespace or dict, got {type(cfg).__name__}")
-    known = {f.name for f in fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in cfg.items() if k in known and v is not None})
+    unknown = sorted(str(k) for k in cfg if k not in known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; GPTConfig's fields are "
+                         f"{', '.join(known)}")
+    return GPTConfig(**{k: v for k, v in cfg.items() if v is not None})
 
 
 def gelu(x):

@@ -83,7 +83,10 @@ def raw_gradients(model, batch):
     return [p.grad.detach().numpy().copy() for p in model.parameters()]
 
 
-def assert_same_params(model, reference, rtol=1e-6):
+def assert_same_params(model, reference, rtol=4e-6):
+    """rtol: measured at most 3.5e-07 here, 8.3e-07 with ATEN_CPU_CAPABILITY=default (no SIMD)."""
+    worst = max_relative_difference(model, reference)
+    print(f"largest difference to the NumPy restatement, relative to the tensor's largest value: {worst:.2e}")
     for p, q in zip(model.parameters(), reference.p):
         err = np.abs(p.detach().numpy() - q).max()
         assert err <= rtol * np.abs(q).max(), (err, np.abs(q).max())
@@ -133,7 +136,7 @@ def test_state_dict_round_trip_continues_the_schedule():
     model, ref, opt = run(hp, n_steps=6, reload_at=3)
     assert_same_params(model, ref)
     assert opt.param_groups[0]["step"] == 6
-    assert opt.current_lr() == pytest.approx(opt.step_size(opt.param_groups[0], 6))
+    assert opt.current_lr() == opt.step_size(opt.param_groups[0], 6)  # the same float64 computation
 
 
 def test_large_weight_decay_follows_the_spec_exactly():
@@ -152,7 +155,7 @@ def test_first_update_uses_the_incremented_step():
     opt.step()
     # schedule(1/4) = (0.25/0.5) * 0.75, bias correction sqrt(1-b2)/(1-b1) at t = 1
     expected = math.sqrt(1 - 0.999) / (1 - 0.9) * 0.5 * 0.75
-    assert opt.current_lr() == pytest.approx(expected, rel=1e-12)
+    assert opt.current_lr() == pytest.approx(expected, rel=1e-15)  # float64; measured 0
 
 
 def test_zero_warmup_means_no_warmup():
@@ -160,7 +163,7 @@ def test_zero_warmup_means_no_warmup():
     opt = OpenAIAdam([p], lr=1.0, schedule="warmup_constant", warmup=0, t_total=10)
     p.grad = torch.ones(2)
     opt.step()
-    assert opt.current_lr() == pytest.approx(math.sqrt(1 - 0.999) / (1 - 0.9))
+    assert opt.current_lr() == pytest.approx(math.sqrt(1 - 0.999) / (1 - 0.9), rel=1e-15)  # float64; measured 0
 
 
 def test_no_decay_on_vectors_without_vector_l2():
