@@ -4,6 +4,8 @@ same process (alternating, several runs, median and min-max):
     python bench/benchmark.py            # full-size model, about 10 minutes on 2 CPU cores
     python bench/benchmark.py --quick    # small model, under a minute
     python bench/benchmark.py --only encode,optimizer
+    python bench/benchmark.py --device cuda --only train,run   # the GPU checks: per-update table
+                                                               # (fp32, bf16) and a whole ROCStories run
 
 Baselines: Hugging Face `transformers`' OpenAI GPT classes holding the same weights, and this
 project's own code with its speed-ups turned off ("plain": no trimming, explicit attention, LM
@@ -33,7 +35,7 @@ from loss import MultipleChoiceLossCompute  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
 from opt import OpenAIAdam  # noqa: E402
 from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights  # noqa: E402
-from train import Runtime, predict_logits, train_update  # noqa: E402
+from train import Runtime, make_batch, predict_logits, train_update  # noqa: E402
 
 N_SPECIAL = 3
 SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
@@ -47,11 +49,13 @@ ROWS = []
 # Timing helpers
 # ------------------------------------------------------------------------------------------------
 
-def compare(name, unit, variants, repeats, work=1.0, note=""):
-    """Time each variant `repeats` times, alternating; record work/second (or seconds if work=None)."""
+def compare(name, unit, variants, repeats, work=1.0, note="", warmup=1, seconds_scale=1.0):
+    """Time each variant `repeats` times, alternating; record work/second (or seconds x seconds_scale
+    if work=None). A variant must return only once its work is done (synchronise on a GPU)."""
     times = {label: [] for label in variants}
-    for fn in variants.values():  # warm-up
-        fn()
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
     for _ in range(repeats):
         for label, fn in variants.items():
             t0 = time.perf_counter()
@@ -59,7 +63,7 @@ def compare(name, unit, variants, repeats, work=1.0, note=""):
             times[label].append(time.perf_counter() - t0)
     ours = next(iter(variants))
     for label, ts in times.items():
-        values = [work / t for t in ts] if work else ts
+        values = [work / t for t in ts] if work else [t * seconds_scale for t in ts]
         ROWS.append(dict(section=name, variant=label, unit=unit, median=statistics.median(values),
                          low=min(values), high=max(values), note=note,
                          ratio=(statistics.median(times[label]) / statistics.median(times[ours])) if label != ours
@@ -165,56 +169,102 @@ def bench_forward(size, weights_dir, repeats):
         compare("forward 8x2x77", "s", variants, repeats, work=None, note=f"(max |diff| of hidden states {err:.1e})")
 
 
-def bench_train_and_eval(models, size, repeats):
-    """Issue 6: a training step (forward, backward, optimizer) and an evaluation batch."""
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device, amp):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
+
+
+def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
+    """Issue 9: one update of 32 stories (the paper's batch) and the evaluation of n_eval stories.
+
+    ours: one pass per update (the default); ours, plain: 4 towers of 8 with the speed-ups off (the
+    TF code's layout); transformers: DoubleHeads + fused AdamW, one pass. Host-side batch preparation
+    is inside the timed part for ours, as in train.py."""
     n_vocab = size[0]
-    X, M, Y = story_batch(8, n_vocab, seed=1)
+    clf = n_vocab + 2
+    X, M, Y = story_batch(32, n_vocab, seed=1)
     tokens = float(M.sum())
-    runtime = Runtime(torch.device("cpu"))
+    runtime = Runtime(device)
     compute = MultipleChoiceLossCompute(lm_coef=0.5)
+    for model in models.values():
+        model.to(device)
     opts = {name: OpenAIAdam(m.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
                              l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
-    a = predict_logits(models["ours"], X, M, Namespace(plain=False, amp=None, eval_batch=8), runtime)
-    b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=1), runtime)
-    print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
     hf = models["hf"]
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01)
-    batch = hf_inputs(X, M, Y)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01, fused=True)
+    batch = {k: v.to(device) for k, v in hf_inputs(X, M, Y).items()}
+    eval_args = Namespace(plain=False, amp=None, eval_batch=128, compile=False)
+    a = predict_logits(models["ours"], X, M, eval_args, runtime)
+    b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=4), runtime)
+    print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
 
-    def ours_step(name, plain):
-        args = Namespace(plain=plain, lm_coef=0.5, amp=None)
-        models[name].train()
-        return lambda: train_update(models[name], [(X, M, Y)], compute, opts[name], None, args, runtime)
+    def ours_step(name, amp):
+        plain = name == "plain"
+        args = Namespace(plain=plain, lm_coef=0.5, amp=amp)
+        towers = [(X[k:k + 8], M[k:k + 8], Y[k:k + 8]) for k in range(0, 32, 8)] if plain else [(X, M, Y)]
 
-    def hf_step():
-        hf.train()
-        out = hf(**batch)
-        (out.mc_loss + 0.5 * out.loss).backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
+        def step():
+            models[name].train()
+            batches = [make_batch(x, m, y, clf, device, "plain" if plain else "trimmed") for x, m, y in towers]
+            train_update(models[name], batches, compute, opts[name], None, args, runtime)
+            synchronize(device)
+        return step
 
-    compare("train step (tokens/s)", "real tokens/s",
-            {"ours": ours_step("ours", False), "transformers DoubleHeads+AdamW": hf_step,
-             "ours, plain": ours_step("plain", True)}, repeats, work=tokens,
-            note=f"({int(tokens)} real of {X.shape[0] * 2 * 77} tokens)")
+    def hf_step(amp):
+        def step():
+            hf.train()
+            with autocast(device, amp):
+                out = hf(**batch)
+                loss = out.mc_loss + 0.5 * out.loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0, foreach=True)
+            hf_opt.step()
+            hf_opt.zero_grad(set_to_none=True)
+            synchronize(device)
+        return step
 
-    def ours_eval(name, plain):
-        args = Namespace(plain=plain, amp=None, eval_batch=8, n_batch=8, n_gpu=1)
-        return lambda: predict_logits(models[name], X, M, args, runtime)
+    for amp in amps:
+        kind = "bf16" if amp else "fp32"
+        compare(f"update of 32, {kind}", "ms", {"ours (one pass)": ours_step("ours", amp),
+                                                "transformers DoubleHeads + fused AdamW": hf_step(amp),
+                                                "ours, plain (4 towers of 8)": ours_step("plain", amp)},
+                repeats, work=None, seconds_scale=1000, warmup=2,
+                note=f"({int(tokens)} real of {32 * 2 * 77} tokens; {device.type})")
 
-    def hf_eval():
-        hf.eval()
-        with torch.no_grad():
-            hf(input_ids=batch["input_ids"], mc_token_ids=batch["mc_token_ids"])
+    EX, EM, _ = story_batch(n_eval, n_vocab, seed=2)
+    eval_tokens = float(EM.sum())
+    hf_ids = torch.from_numpy(EX[..., 0]).to(device)
+    hf_last = torch.from_numpy(EM.sum(-1).astype(np.int64) - 1).to(device)
 
-    compare("eval batch (tokens/s)", "real tokens/s",
-            {"ours": ours_eval("ours", False), "transformers DoubleHeads": hf_eval,
-             "ours, plain": ours_eval("plain", True)}, repeats, work=tokens)
+    def ours_eval(amp):
+        args = Namespace(plain=False, amp=amp, eval_batch=128, compile=False)
+        return lambda: predict_logits(models["ours"], EX, EM, args, runtime)
+
+    def hf_eval(amp):
+        def run():
+            hf.eval()
+            with torch.no_grad(), autocast(device, amp):
+                outs = [hf(input_ids=hf_ids[k:k + 128], mc_token_ids=hf_last[k:k + 128]).mc_logits
+                        for k in range(0, n_eval, 128)]
+            torch.cat(outs).float().cpu()
+        return run
+
+    for amp in amps:
+        kind = "bf16" if amp else "fp32"
+        compare(f"evaluate {n_eval}, {kind}", "real tokens/s",
+                {"ours": ours_eval(amp), "transformers DoubleHeads": hf_eval(amp)}, repeats, work=eval_tokens,
+                note=f"(batches of 128; {device.type})")
+    for model in models.values():
+        model.to("cpu")
 
 
 def bench_updates(models, size, n_updates):
-    """Issue 5: n_updates full updates (4 towers x 8 stories), ours vs the plain loop, alternating."""
+    """Issue 5: n_updates full updates of 32 stories, ours (one pass) vs the plain loop (4 towers of
+    8), alternating update by update."""
     n_vocab = size[0]
     runtime = Runtime(torch.device("cpu"))
     compute = MultipleChoiceLossCompute(lm_coef=0.5)
@@ -226,16 +276,53 @@ def bench_updates(models, size, n_updates):
         runs[name] = (model, opt, Namespace(plain=plain, lm_coef=0.5, amp=None), [])
     for i in range(n_updates):
         X, M, Y = story_batch(32, n_vocab, seed=100 + i)
-        towers = [(X[k:k + 8], M[k:k + 8], Y[k:k + 8]) for k in range(0, 32, 8)]
         for model, opt, args, times in runs.values():
             t0 = time.perf_counter()
-            train_update(model, towers, compute, opt, None, args, runtime)
+            if args.plain:
+                batches = [make_batch(X[k:k + 8], M[k:k + 8], Y[k:k + 8], n_vocab + 2, runtime.device, "plain")
+                           for k in range(0, 32, 8)]
+            else:
+                batches = [make_batch(X, M, Y, n_vocab + 2, runtime.device, "trimmed")]
+            train_update(model, batches, compute, opt, None, args, runtime)
             times.append(time.perf_counter() - t0)
     ours_total = sum(runs["ours"][3])
     for name, (_, _, _, times) in runs.items():
         ROWS.append(dict(section=f"{n_updates} updates x 32 stories", variant=name, unit="s total", median=sum(times),
                          low=float("nan"), high=float("nan"), note="(alternating update by update)",
                          ratio=sum(times) / ours_total if name != "ours" else None))
+
+
+def bench_run(weights_dir, device, extra):
+    """Issue 9: the whole ROCStories-shaped fine-tune (1,497 train / 374 valid / 1,871 test synthetic
+    stories, full-size random weights, the real vocabulary), as `train.py` runs it; prints its phase
+    times. `extra`: more train.py flags (e.g. --amp bf16)."""
+    from datasets import write_synthetic_rocstories
+
+    vocab = next((d for d in (os.path.join(ROOT, "model"), os.path.join(os.path.dirname(ROOT), "shared", "openai-gpt"))
+                  if os.path.exists(os.path.join(d, "encoder_bpe_40000.json"))), None)
+    if vocab is None:
+        print("run: the vocabulary (model/encoder_bpe_40000.json) is absent, skipped")
+        return
+    base = os.path.join(weights_dir, "run")
+    data = write_synthetic_rocstories(os.path.join(base, "data"), n_val=1871, n_test=1871, seed=0)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "rocstories", "--desc", "bench", "--submit",
+           "--analysis", "--data_dir", data, "--model_path", os.path.join(weights_dir, "openai"),
+           "--encoder_path", os.path.join(vocab, "encoder_bpe_40000.json"),
+           "--bpe_path", os.path.join(vocab, "vocab_40000.bpe"), "--log_dir", os.path.join(base, "log"),
+           "--save_dir", os.path.join(base, "save"), "--submission_dir", os.path.join(base, "sub"),
+           "--device", str(device), *extra]
+    print("run:", " ".join(cmd[1:]))
+    for attempt in ("first run (encodes, fills the cache)", "second run (encoding cached)"):
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if out.returncode:
+            print(out.stderr[-3000:])
+            return
+        lines = [line for line in out.stdout.splitlines() if line.startswith(("time:", "done in", "--compile", "ROC"))]
+        print(f"{attempt}: process wall {wall:.1f} s")
+        for line in lines:
+            print("   ", line)
 
 
 def bench_optimizer(size, repeats):
@@ -367,7 +454,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, under a minute")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
-                        help="comma-separated sections: forward,train,updates,optimizer,encode,load")
+                        help="comma-separated sections: forward,train,updates,optimizer,encode,load,run")
+    parser.add_argument("--device", default="cpu", help="device of the train and run sections (cuda: the GPU checks)")
+    parser.add_argument("--n_eval", type=int, default=None, help="stories evaluated in the train section "
+                        "(default: 1871 on a GPU, 64 on a CPU)")
+    parser.add_argument("--run_args", default="", help="extra train.py flags for the run section, e.g. '--amp bf16'")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
     parser.add_argument("--json", help="also write the rows as JSON here")
@@ -381,7 +472,8 @@ def main(argv=None):
     size = SIZES["quick" if args.quick else "full"]
     repeats = args.repeats or (3 if args.quick else 5)
     sections = set(args.only.split(","))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+    gpu = f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if args.device.startswith("cuda") else ""
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}; "
           f"model {'quick' if args.quick else 'full'} {size}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -391,7 +483,10 @@ def main(argv=None):
         if sections & {"train", "updates"}:
             models = build_models(size, tmp)
             if "train" in sections:
-                bench_train_and_eval(models, size, repeats)
+                device = torch.device(args.device)
+                amps = (None, "bf16") if device.type == "cuda" else (None,)
+                bench_train_and_eval(models, size, repeats, device, amps,
+                                     args.n_eval or (1871 if device.type == "cuda" else 64))
             if "updates" in sections:
                 bench_updates(models, size, args.updates)
             del models
@@ -404,6 +499,8 @@ def main(argv=None):
                 print("load: measured at full size only (skipped with --quick)")
             else:
                 bench_load(tmp, repeats)
+        if "run" in sections:
+            bench_run(tmp, args.device, args.run_args.split())
     print_table()
     if args.json:
         with open(args.json, "w") as f:

@@ -20,6 +20,8 @@ from text_utils import learn_bpe
 
 SIZES = ["--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4", "--n_gpu", "4",
          "--n_valid", "40", "--n_iter", "2", "--lr", "1e-3", "--eval_batch", "16"]
+pytestmark = pytest.mark.slow  # end-to-end runs of train.py; `pytest -m "not slow"` leaves them out
+
 NO_DROPOUT = ["--embd_pdrop", "0", "--attn_pdrop", "0", "--resid_pdrop", "0", "--clf_pdrop", "0"]
 
 
@@ -429,7 +431,6 @@ def test_autocast_casts_the_weights_once_per_update(setup, tmp_path):
     assert counts["16"] > 0 and counts["4"] == counts["16"]
 
 
-@pytest.mark.slow
 def test_compiled_bucketed_path_equals_eager(setup, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert train.main(arguments(setup, eager, *NO_DROPOUT, "--n_iter", "1")) == 0
@@ -633,7 +634,6 @@ def child_pids(pid):
         return [int(p) for p in f.read().split()]
 
 
-@pytest.mark.slow
 def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
     import signal
     import time
