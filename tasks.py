@@ -303,6 +303,7 @@ ON_SCORES = ("Pearson", "Spearman")  # the others compare predicted classes
 # ------------------------------------------------------------------------------------------------
 
 FORMS = ("text", "pair", "both_orders", "choices")
+LOSSES = ("cross_entropy", "binary_cross_entropy", "squared_error")
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,11 @@ class Task:
     n_choices: int = 1         # answers per example (multiple choice)
     skip_malformed: bool = False  # QQP: rows with the wrong number of columns are skipped, and counted
     score_range: tuple | None = None  # STS-B: the allowed scores
+
+    def __post_init__(self):
+        if self.form not in FORMS or self.loss not in LOSSES:
+            raise ValueError(f"{self.name}: form {self.form!r} must be one of {FORMS}, "
+                             f"loss {self.loss!r} one of {LOSSES}")
 
     # -- data --------------------------------------------------------------------------------------
     def locate(self, data_dir):
@@ -567,7 +573,7 @@ def _race_task():
                     for key, part in (("train", "train"), ("valid", "dev"), ("test", "test")))
     return Task("race", "RACE", "RACE", "choices", "multiple_choice", "cross_entropy", ("A", "B", "C", "D"),
                 ("Accuracy",), sources, _read_race,
-                "RACE is obtained from https://www.cs.cmu.edu/~glai1/data/race/ (RACE.tar.gz, on request).",
+                "RACE is obtained from https://www.cs.cmu.edu/~glai1/data/race/ (non-commercial research use only).",
                 n_choices=4)
 
 
