@@ -1,7 +1,7 @@
 """The paper's fine-tuning tasks (its Tables 2-4), each declared once: where its files are and how
 they are read, how an example becomes token sequences (the paper's Figure 1), which head and loss
-train it, which metrics report it, and what a submission holds. ROCStories keeps its own path
-(datasets.rocstories, train.py).
+train it, which metrics report it, and what a submission holds. ROCStories is declared here too,
+with the original's own split and cut rule (`RocStoriesTask`).
 
 Splits. `Task.read` returns 'train', then 'valid', the split that selects the kept parameters, then
 the splits reported at the end, in report order. For every task 'valid' is the dev set: GLUE keeps
@@ -39,6 +39,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+import datasets
 from datasets import DataError
 
 # ------------------------------------------------------------------------------------------------
@@ -600,12 +601,48 @@ def _declarations():
     ]
 
 
-TASKS = {task.name: task for task in _declarations()}
+@dataclass(frozen=True)
+class RocStoriesTask(Task):
+    """Story Cloze as OpenAI's script runs it (docs/reference.md §5): n_valid stories of the labelled
+    file held out with the original's seed, the rest trained on; the test file predicted into
+    ROCStories.tsv (0 or 1: the index of the right ending); story and each ending cut to
+    max_tokens // 2 - 2 tokens apiece."""
+
+    n_valid: int = 374
+
+    def read(self, data_dir):
+        train, valid, test = datasets.rocstories(data_dir, n_valid=self.n_valid)
+        test_labels = datasets.rocstories_test_labels(data_dir)
+        return {"train": Split(tuple(train[:3]), train[3].astype(np.int64), "ROCStories Train"),
+                "valid": Split(tuple(valid[:3]), valid[3].astype(np.int64), "ROCStories Valid"),
+                "test": Split(tuple(test), None if test_labels is None else test_labels.astype(np.int64),
+                              "ROCStories Test", submission="ROCStories.tsv")}
+
+    def sequences(self, encoded_texts, specials, max_tokens):
+        max_len = max_tokens // 2 - 2
+        if max_len < 1:
+            raise ValueError(f"n_ctx={max_tokens} is too small for a story and an ending")
+        out, n_cut = [], 0
+        for story, *endings in zip(*encoded_texts):
+            n_cut += max(len(story), *map(len, endings)) > max_len
+            out.append([[specials.start, *story[:max_len], specials.delimiter, *ending[:max_len], specials.clf_token]
+                        for ending in endings])
+        return out, n_cut
+
+
+def _rocstories_task():
+    sources = (Source("train", (datasets.ROC_VAL,), "ROCStories Valid"),
+               Source("test", (datasets.ROC_TEST,), "ROCStories Test", labelled=False, submission="ROCStories.tsv"))
+    return RocStoriesTask("rocstories", "ROCStories", ".", "choices", "multiple_choice", "cross_entropy", ("0", "1"),
+                          ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2)
+
+
+TASKS = {task.name: task for task in [_rocstories_task(), *_declarations()]}
 
 
 def get_task(name):
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (and rocstories)")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
@@ -812,7 +849,14 @@ def _write_race(rng, folder, sizes):
             done, number = done + k, number + 1
 
 
-_WRITERS = {"sst2": _write_sst2, "cola": _write_cola, "mrpc": _write_mrpc, "qqp": _write_qqp, "stsb": _write_stsb,
+def _write_rocstories(rng, folder, sizes):
+    """Both Story Cloze files; the labelled one holds train + dev stories (n_valid = dev to split)."""
+    datasets.write_synthetic_rocstories(folder, n_val=sizes["train"] + sizes["dev"], n_test=sizes["test"],
+                                        seed=rng.randrange(2 ** 31))
+
+
+_WRITERS = {"rocstories": _write_rocstories,
+            "sst2": _write_sst2, "cola": _write_cola, "mrpc": _write_mrpc, "qqp": _write_qqp, "stsb": _write_stsb,
             "mnli": _write_mnli,
             "qnli": _pair_glue(("question", "sentence"), ENTAILMENT, _CUES["binary_nli"]),
             "rte": _pair_glue(("sentence1", "sentence2"), ENTAILMENT, _CUES["binary_nli"]),

@@ -14,6 +14,7 @@ layout is worked out on the host and the loss is read one update late (docs/spee
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from sklearn.utils import shuffle
 from tqdm import tqdm
 
@@ -46,6 +46,7 @@ from model_pytorch import (
     to_device,
 )
 from opt import SCHEDULES, OpenAIAdam
+from tasks import TASKS, RocStoriesTask, Specials, Task, add_specials, get_task, report_lines, to_arrays
 from text_utils import TextEncoder, VocabularyError, learn_bpe
 from utils import ResultLogger, encode_dataset, iter_data, make_path
 
@@ -68,7 +69,8 @@ def build_parser():
     run = p.add_argument_group("run", "settings that fix the run's shapes and numbers (kept on --resume)")
     io = p.add_argument_group("io", "paths, reporting and devices (free to change on --resume)")
     io.add_argument("--desc", type=str, default=None, help="run name (log/DESC.jsonl, save/DESC/); default: dataset")
-    run.add_argument("--dataset", type=str, default="rocstories", choices=["rocstories"])
+    run.add_argument("--dataset", type=str, default="rocstories", choices=list(TASKS),
+                     help="the task (docs/tasks.md); --data_dir is its folder as distributed")
     io.add_argument("--log_dir", type=str, default="log/")
     io.add_argument("--save_dir", type=str, default="save/")
     io.add_argument("--data_dir", type=str, default="data/")
@@ -206,44 +208,6 @@ def prepare_demo(args):
 # Data (docs/reference.md §5)
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Specials:
-    n_vocab: int
-    start: int
-    delimiter: int
-    clf_token: int
-    n_special: int = 3
-
-
-def add_specials(text_encoder):
-    encoder = text_encoder.encoder
-    n_vocab = len(encoder)
-    for name in ("_start_", "_delimiter_", "_classify_"):
-        encoder[name] = len(encoder)
-    return Specials(n_vocab, encoder["_start_"], encoder["_delimiter_"], encoder["_classify_"])
-
-
-def context_size(splits, max_len, n_ctx):
-    """The original's n_ctx: the longest story + longer ending + 3 specials, capped at n_ctx."""
-    longest = max(len(x1[:max_len]) + max(len(x2[:max_len]), len(x3[:max_len]))
-                  for X1, X2, X3 in splits for x1, x2, x3 in zip(X1, X2, X3))
-    return min(longest + 3, n_ctx)
-
-
-def transform_roc(X1, X2, X3, specials, max_len, n_ctx):
-    """X [n, 2, n_ctx, 2] and M [n, 2, n_ctx]: [start] story [delimiter] ending [classify], zero-padded."""
-    n = len(X1)
-    xmb = np.zeros((n, 2, n_ctx, 2), dtype=np.int64)
-    mmb = np.zeros((n, 2, n_ctx), dtype=np.float32)
-    for i, (x1, x2, x3) in enumerate(zip(X1, X2, X3)):
-        for j, ending in enumerate((x2, x3)):
-            seq = [specials.start] + x1[:max_len] + [specials.delimiter] + ending[:max_len] + [specials.clf_token]
-            xmb[i, j, :len(seq), 0] = seq
-            mmb[i, j, :len(seq)] = 1
-    xmb[..., 1] = np.arange(specials.n_vocab + specials.n_special, specials.n_vocab + specials.n_special + n_ctx)
-    return xmb, mmb
-
-
 def encode_cached(splits, text_encoder, cache_dir):
     """`encode_dataset` of the splits, cached on disk under a key made of the texts themselves and
     the vocabulary files: a change to either encodes again. Stored as flat int arrays (no pickle)."""
@@ -308,27 +272,46 @@ def check_split(name, X, M, vocab, clf_token):
 
 @dataclass
 class TaskData:
-    """Encoded splits as arrays: name -> (X [n, choices, T, 2], M [n, choices, T], Y or None)."""
+    """A task's encoded splits as arrays: name -> (X [n, sequences, T, 2], M [n, sequences, T], labels
+    or None), in the order the task reads them, and each split as read (titles, submission names)."""
 
+    task: Task
     splits: dict
     specials: Specials
     n_ctx: int
+    read: dict
 
 
-def load_rocstories(args, text_encoder):
-    train, valid, test = rocstories(args.data_dir, n_valid=args.n_valid)
+def task_for(args):
+    """The --dataset declaration, with this run's settings where the task takes any."""
+    task = get_task(args.dataset)
+    if isinstance(task, RocStoriesTask):
+        task = dataclasses.replace(task, n_valid=args.n_valid)
+    return task
+
+
+def load_task_data(args, text_encoder, task):
+    """Read, encode (cached), transform (the paper's Figure 1, cut to --n_ctx) and lay out every split.
+    n_ctx becomes the longest sequence of any split, at most --n_ctx (as the original does)."""
+    read = task.read(args.data_dir)
+    for split in read.values():
+        for note in split.notes:
+            tqdm.write(note)
     cache_dir = args.cache_dir or os.path.join(args.save_dir, "encoded")
-    (trX1, trX2, trX3, trY), (vaX1, vaX2, vaX3, vaY), (teX1, teX2, teX3) = encode_cached(
-        [train, valid, test], text_encoder, cache_dir)
+    encoded = encode_cached([split.texts for split in read.values()], text_encoder, cache_dir)
     specials = add_specials(text_encoder)
-    max_len = args.n_ctx // 2 - 2
-    n_ctx = context_size([(trX1, trX2, trX3), (vaX1, vaX2, vaX3), (teX1, teX2, teX3)], max_len, args.n_ctx)
-    splits = dict(
-        train=(*transform_roc(trX1, trX2, trX3, specials, max_len, n_ctx), np.asarray(trY)),
-        valid=(*transform_roc(vaX1, vaX2, vaX3, specials, max_len, n_ctx), np.asarray(vaY)),
-        test=(*transform_roc(teX1, teX2, teX3, specials, max_len, n_ctx), None),
-    )
-    return TaskData(splits, specials, n_ctx)
+    sequences, n_cut = {}, 0
+    for name, texts in zip(read, encoded):
+        try:
+            sequences[name], cut = task.sequences(texts, specials, args.n_ctx)
+        except ValueError as err:
+            raise RunError(f"--n_ctx {args.n_ctx}: {err}") from None
+        n_cut += cut
+    if n_cut:
+        tqdm.write(f"{n_cut} examples were cut to fit --n_ctx {args.n_ctx} (see the cut rule in docs/tasks.md)")
+    n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), args.n_ctx)
+    splits = {name: (*to_arrays(sequences[name], n_ctx, specials), read[name].labels) for name in read}
+    return TaskData(task, splits, specials, n_ctx, read)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -697,19 +680,23 @@ def _task_head(model):
     return model.task_head
 
 
-def evaluate(model, X, M, Y, args, runtime):
+def evaluate(model, task, X, M, Y, args, runtime):
+    """(mean task loss, {metric: value}) of the labelled examples X, M, Y."""
     logits = predict_logits(model, X, M, args, runtime)
-    cost = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(Y).long()).item()
-    return cost, float(np.mean(np.argmax(logits, 1) == Y) * 100)
+    cost = task.losses(torch.from_numpy(logits), torch.from_numpy(Y)).mean().item()
+    return cost, task.metrics(logits, Y)
 
 
-def write_submission(predictions, path):
-    """`index<TAB>prediction` lines, written atomically."""
+METRIC_KEYS = {"Accuracy": "acc", "MCC": "mcc", "F1": "f1", "Pearson": "pearson", "Spearman": "spearman"}
+
+
+def write_submission(rows, path):
+    """`index<TAB>prediction` lines from (index, prediction) pairs, written atomically."""
     def write(rows, target):
         with open(target, "w") as f:
-            f.write("index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in enumerate(rows)))
+            f.write("index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in rows))
 
-    atomic_save(predictions, path, saver=write)
+    atomic_save(list(rows), path, saver=write)
 
 
 class StopRequest:
@@ -804,19 +791,19 @@ def set_up(args, runtime, times):
             raise RunError(f"the vocabulary {args.encoder_path} has {len(text_encoder.encoder)} entries but the "
                            f"weights in {args.model_path} have {n_vocab_weights} token rows: they do not belong "
                            "together")
-        run.data = load_rocstories(args, text_encoder)
+        run.data = load_task_data(args, text_encoder, task_for(args))
     data = run.data
     if data.n_ctx > n_positions:
         raise RunError(f"the data needs n_ctx={data.n_ctx} positions but the weights have only {n_positions}; "
                        f"pass --n_ctx {n_positions} to cut stories and endings")
     vocab = data.specials.n_vocab + data.specials.n_special + data.n_ctx
-    for name, (X, M, _) in data.splits.items():
+    for name, (X, M, _) in data.splits.items():  # once, on the host: no check inside an update
         check_split(name, X, M, vocab, data.specials.clf_token)
 
     with times("loading"):
         cfg = make_config(args)
         cfg.fused_attention = not args.plain
-        run.model = DoubleHeadModel(cfg, data.specials.clf_token, "multiple_choice", vocab=vocab, n_ctx=data.n_ctx)
+        run.model = DoubleHeadModel(cfg, data.specials.clf_token, data.task.head, vocab=vocab, n_ctx=data.n_ctx)
         load_openai_pretrained_model(run.model.transformer, n_ctx=data.n_ctx, n_special=data.specials.n_special,
                                      n_transfer=args.n_transfer, n_embd=args.n_embd, path=args.model_path,
                                      special_rows=run.data_rng)
@@ -834,7 +821,7 @@ def set_up(args, runtime, times):
     run.opt = OpenAIAdam(run.model.parameters(), lr=args.lr, schedule=args.lr_schedule, warmup=args.lr_warmup,
                          t_total=run.n_updates_total, b1=args.b1, b2=args.b2, e=args.e, l2=args.l2,
                          vector_l2=args.vector_l2, max_grad_norm=args.max_grad_norm)
-    run.compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef)
+    run.compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef, clf_criterion=data.task.losses)
     run.scaler = torch.amp.GradScaler(runtime.device.type) if args.amp == "fp16" else None
     return run
 
@@ -868,8 +855,8 @@ def start_log(run, ckpt):
     if args.submit and not os.path.exists(run.best_path):
         save_best_params(host_copy(model_state(run.model)), run.best_path)
     n_batch_train = args.n_batch * args.n_gpu
-    tqdm.write(f"{len(data.splits['train'][0])} train, {len(data.splits['valid'][0])} valid, "
-               f"{len(data.splits['test'][0])} test examples; n_ctx {data.n_ctx}; {run.n_updates_total} updates "
+    sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
+    tqdm.write(f"{data.task.title}: {sizes} examples; n_ctx {data.n_ctx}; {run.n_updates_total} updates "
                f"of {n_batch_train} on {run.runtime.device}"
                + (f" x {run.runtime.world} processes" if run.runtime.world > 1 else ""))
 
@@ -954,20 +941,23 @@ def train_epoch(run, stop, reader, bar_enabled):
 
 
 def log_point(run):
-    """The original's log(): costs and accuracies on the first n_valid training examples and the
-    validation set; rank 0 logs and keeps the best parameters; every rank learns the best score."""
-    args, progress = run.args, run.progress
+    """The original's log(): costs and metrics (ROCStories: accuracies) on the first n_valid training
+    examples and the validation set; rank 0 logs them and keeps the best parameters, chosen by the
+    task's first metric on the validation set."""
+    args, progress, task = run.args, run.progress, run.data.task
     with run.times("evaluation"):
         score = None
         if run.runtime.main:
             trX, trM, trY = (a[:args.n_valid] for a in run.data.splits["train"])
-            tr_cost, tr_acc = evaluate(run.model, trX, trM, trY, args, run.runtime)
-            va_cost, va_acc = evaluate(run.model, *run.data.splits["valid"], args, run.runtime)
-            run.logger.log(n_epochs=progress.n_epochs, n_updates=progress.n_updates, tr_cost=tr_cost,
-                           va_cost=va_cost, tr_acc=tr_acc, va_acc=va_acc)
-            tqdm.write(f"{progress.n_epochs} {progress.n_updates} {tr_cost:.3f} {va_cost:.3f} {tr_acc:.2f} "
-                       f"{va_acc:.2f}")
-            score = va_acc
+            tr_cost, tr_metrics = evaluate(run.model, task, trX, trM, trY, args, run.runtime)
+            va_cost, va_metrics = evaluate(run.model, task, *run.data.splits["valid"], args, run.runtime)
+            point = dict(n_epochs=progress.n_epochs, n_updates=progress.n_updates, tr_cost=tr_cost, va_cost=va_cost)
+            for prefix, metrics in (("tr", tr_metrics), ("va", va_metrics)):
+                point.update({f"{prefix}_{METRIC_KEYS[name]}": value for name, value in metrics.items()})
+            run.logger.log(**point)
+            tqdm.write(" ".join(f"{v:.3f}" if k.endswith("cost") else f"{v:.2f}" if isinstance(v, float) else str(v)
+                                for k, v in point.items()))
+            score = va_metrics[task.metric_names[0]]
     if score is not None and args.submit and score > progress.best_score:
         progress.best_score = score
         with run.times("checkpoint writing"):
@@ -1022,15 +1012,32 @@ def report_compile(run):
 
 
 def predict(run):
-    """The best validation parameters predict the test set; the submission and the analysis."""
-    args = run.args
+    """With --submit, the best validation parameters predict every split after training: test sets
+    go into the submission files; with --analysis, each labelled split's metrics are printed
+    (ROCStories: the original's two lines, from the log and the submission)."""
+    args, data = run.args, run.data
+    report = []
     with run.times("prediction"):
-        load_best_params(run.model, run.best_path)
-        logits = predict_logits(run.model, *run.data.splits["test"][:2], args, run.runtime)
-        pred_path = os.path.join(args.submission_dir, "ROCStories.tsv")
-        write_submission(np.argmax(logits, 1), pred_path)
-    if args.analysis:
-        analysis.rocstories(args.data_dir, pred_path, run.log_path)
+        if args.submit:
+            load_best_params(run.model, run.best_path)
+        for name, split in data.read.items():
+            if name == "train" or not (split.submission and args.submit or args.analysis):
+                continue
+            logits = predict_logits(run.model, *data.splits[name][:2], args, run.runtime)
+            if split.submission and args.submit:
+                index = split.index if split.index is not None else range(len(logits))
+                write_submission(zip(index, data.task.predictions(logits)),
+                                 os.path.join(args.submission_dir, split.submission))
+            if split.labels is not None and not isinstance(data.task, RocStoriesTask):
+                report += report_lines(data.task, split, logits)
+    if not args.analysis:
+        return
+    if isinstance(data.task, RocStoriesTask):
+        if args.submit:
+            analysis.rocstories(args.data_dir, os.path.join(args.submission_dir, "ROCStories.tsv"), run.log_path)
+        return
+    for line in report:
+        print(line)
 
 
 def run_training(args, runtime, parser_defaults=None, t_start=None):
@@ -1056,7 +1063,7 @@ def run_training(args, runtime, parser_defaults=None, t_start=None):
             tqdm.write(f"stopped after {run.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {run.ckpt_path})")
         return 130
-    if runtime.main and args.submit:
+    if runtime.main and (args.submit or args.analysis):
         predict(run)
     if runtime.main:
         report_compile(run)

@@ -100,7 +100,7 @@ def test_glue_folders_read_as_distributed(synthetic, name):
 
 def test_split_titles_and_submission_names(synthetic):
     titles = {name: [(s.title, s.submission) for s in get_task(name).read(path).values()]
-              for name, path in synthetic[1].items()}
+              for name, path in synthetic[1].items() if name != "rocstories"}
     assert titles["mnli"] == [("MNLI Train", None), ("MNLI-m Dev", None), ("MNLI-mm Dev", None),
                               ("MNLI-m Test", "MNLI-m.tsv"), ("MNLI-mm Test", "MNLI-mm.tsv")]
     assert titles["sst2"][1:] == [("SST-2 Dev", None), ("SST-2 Test", "SST-2.tsv")]
@@ -306,7 +306,8 @@ def test_not_utf8_and_unknown_task(tmp_path):
         f.write(b"7\t\xff\xfe\tb\tentailment\n")
     with pytest.raises(DataError, match=r"dev.tsv: not UTF-8"):
         get_task("rte").read(folder)
-    with pytest.raises(ValueError, match=r"unknown task 'glue'; known tasks: sst2, cola, mrpc, qqp, stsb, mnli, "
+    with pytest.raises(ValueError, match=r"unknown task 'glue'; known tasks: rocstories, sst2, cola, mrpc, qqp, "
+                                         r"stsb, mnli, "
                                          r"qnli, rte, snli, scitail, race"):
         get_task("glue")
 
@@ -508,9 +509,26 @@ def test_losses_against_their_formulas():
 
 def test_every_task_is_declared():
     heads = {name: task.head for name, task in tasks.TASKS.items()}
-    assert heads == {"sst2": ("classification", 2), "cola": ("classification", 2), "mrpc": "similarity",
+    assert heads == {"rocstories": "multiple_choice",
+                     "sst2": ("classification", 2), "cola": ("classification", 2), "mrpc": "similarity",
                      "qqp": "similarity", "stsb": "similarity", "mnli": "inference", "qnli": ("classification", 2),
                      "rte": ("classification", 2), "snli": "inference", "scitail": ("classification", 2),
                      "race": "multiple_choice"}
     assert {n: t.n_sequences for n, t in tasks.TASKS.items() if t.n_sequences != 1} == \
-        {"mrpc": 2, "qqp": 2, "stsb": 2, "race": 4}
+        {"rocstories": 2, "mrpc": 2, "qqp": 2, "stsb": 2, "race": 4}
+
+
+def test_rocstories_declaration_keeps_the_original_split_and_cut(synthetic):
+    """The original's split (n_valid held out with its seed) and cut (each part to n_ctx // 2 - 2)."""
+    import dataclasses
+
+    from datasets import rocstories
+
+    task = dataclasses.replace(get_task("rocstories"), n_valid=N_DEV)
+    splits = task.read(synthetic[1]["rocstories"])
+    train, valid, test = rocstories(synthetic[1]["rocstories"], n_valid=N_DEV)
+    assert splits["train"].texts == tuple(train[:3]) and list(splits["valid"].labels) == list(valid[3])
+    assert splits["test"].submission == "ROCStories.tsv" and len(splits["test"]) == N_TEST
+    s = Specials(100, 100, 101, 102)
+    seqs, n_cut = task.sequences(([list(range(10))], [[50, 51, 52]], [[60]]), s, 12)
+    assert seqs == [[[100, 0, 1, 2, 3, 101, 50, 51, 52, 102], [100, 0, 1, 2, 3, 101, 60, 102]]] and n_cut == 1

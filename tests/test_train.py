@@ -94,7 +94,7 @@ def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
     load_model(model, tmp_path / "save" / "run" / "best_params.safetensors")
     args = train.parse_args(arguments(setup, tmp_path))
     encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data = train.load_rocstories(args, encoder)
+    data = train.load_task_data(args, encoder, train.task_for(args))
     assert data.n_ctx == n_ctx
     logits = train.predict_logits(model, *data.splits["test"][:2], args, train.Runtime(torch.device("cpu")))
     lines = (tmp_path / "sub" / "ROCStories.tsv").read_text().splitlines()[1:]
@@ -197,7 +197,7 @@ def test_towers_not_divisible_by_processes(setup, tmp_path, capsys, monkeypatch)
     expect_failure(arguments(setup, tmp_path), r"n_gpu=4 towers cannot be spread over 3 processes", capsys)
 
 
-@pytest.mark.parametrize("flag, value", [("--dataset", "sst2"), ("--lr_schedule", "warmup_exp")])
+@pytest.mark.parametrize("flag, value", [("--dataset", "imdb"), ("--lr_schedule", "warmup_exp")])
 def test_unknown_dataset_or_schedule_in_a_subprocess(setup, tmp_path, flag, value):
     argv = arguments(setup, tmp_path) + [flag, value]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], capture_output=True, text=True,
@@ -259,7 +259,7 @@ def test_bf16_autocast_runs_on_cpu(setup, tmp_path):
 def test_fast_evaluation_equals_the_plain_path(setup):
     args = train.parse_args(arguments(setup, setup))
     encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data = train.load_rocstories(args, encoder)
+    data = train.load_task_data(args, encoder, train.task_for(args))
     specials, n_ctx = data.specials, data.n_ctx
     from model_pytorch import DoubleHeadModel, GPTConfig
     torch.manual_seed(0)
@@ -448,17 +448,18 @@ def test_encoding_is_cached_and_follows_the_data(setup, tmp_path, monkeypatch):
     shutil.copytree(setup / "data", data)
     args = train.parse_args(arguments(setup, tmp_path) + ["--data_dir", str(data)])
     encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    first = train.load_rocstories(args, train.TextEncoder(args.encoder_path, args.bpe_path))
+    load = lambda enc: train.load_task_data(args, enc, train.task_for(args))
+    first = load(train.TextEncoder(args.encoder_path, args.bpe_path))
     calls = []
     real = train.encode_dataset
     monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = train.load_rocstories(args, encoder)
+    again = load(encoder)
     assert calls == []  # read from the cache
     for name in first.splits:
         np.testing.assert_array_equal(first.splits[name][0], again.splits[name][0])
     path = data / ROC_TEST
     path.write_text(path.read_text().replace("smiled", "grinned"))
-    changed = train.load_rocstories(args, train.TextEncoder(args.encoder_path, args.bpe_path))
+    changed = load(train.TextEncoder(args.encoder_path, args.bpe_path))
     assert calls == [1]  # the data changed: encoded again
     assert not np.array_equal(changed.splits["test"][0], first.splits["test"][0])
 
@@ -521,9 +522,9 @@ def test_the_best_epoch_not_the_last_predicts_the_test_set(setup, tmp_path, monk
     scripted = iter([None, 90.0, None, 50.0])  # (train, valid) per log point: valid 90, then 50
 
     def evaluate(*a):
-        cost, acc = real_evaluate(*a)
+        cost, metrics = real_evaluate(*a)
         forced = next(scripted)
-        return cost, acc if forced is None else forced
+        return cost, metrics if forced is None else {"Accuracy": forced}
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     used = {}
@@ -662,3 +663,69 @@ def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
     resumed = train.load_checkpoint(str(tmp_path / "save" / "run" / "checkpoint.pt"), train.parse_args(argv),
                                     vars(train.build_parser().parse_args([])))
     assert resumed["n_updates"] == ckpt["n_updates"]
+
+
+# ----------------------------------------------------------------------------- every task of the paper, end to end
+
+TASK_NAMES = ["sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "snli", "scitail", "race"]
+
+
+@pytest.fixture(scope="module")
+def task_folders(tmp_path_factory):
+    """Each task's synthetic folder in its real layout, a vocabulary learned from its training texts and
+    tiny random weights."""
+    import tasks
+
+    base = tmp_path_factory.mktemp("tasks")
+    folders = {}
+    for name in TASK_NAMES:
+        data = tasks.write_synthetic(name, str(base / name / "data"), 160, 48, 24, seed=1)
+        texts = [t for field in tasks.get_task(name).read(data)["train"].texts for t in field]
+        model = base / name / "model"
+        encoder = learn_bpe(texts, str(model / "encoder.json"), str(model / "vocab.bpe"), vocab_size=300,
+                            min_frequency=1)
+        write_openai_weights(model, n_vocab=len(encoder.encoder), n_ctx=128, n_embd=32, n_layer=2, seed=1)
+        folders[name] = (data, model)
+    return folders
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
+    import tasks
+
+    data, model = task_folders[name]
+    argv = ["--dataset", name, "--data_dir", data, "--model_path", str(model), "--encoder_path",
+            str(model / "encoder.json"), "--bpe_path", str(model / "vocab.bpe"), "--log_dir", str(tmp_path / "log"),
+            "--save_dir", str(tmp_path / "save"), "--submission_dir", str(tmp_path / "sub"), "--desc", "run",
+            "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4",
+            "--n_gpu", "4", "--n_valid", "48", "--n_iter", "3", "--lr", "2e-3", "--lr_warmup", "0.1",
+            "--n_ctx", "128", "--submit", "--analysis"]
+    assert train.main(argv) == 0
+    printed = capsys.readouterr().out
+    task = tasks.get_task(name)
+    read = task.read(data)
+    log = read_log(tmp_path)[1:]
+    first = f"va_{train.METRIC_KEYS[task.metric_names[0]]}"
+    for key, split in read.items():
+        if key == "train" or split.labels is None:
+            continue
+        for metric in task.metric_names:
+            match = re.search(rf"^{re.escape(split.title)} {metric}: (-?[\d.]+)$", printed, re.M)
+            assert match, (split.title, metric, printed[-2000:])
+        for group in split.groups or {}:
+            assert re.search(rf"^{re.escape(group)} {task.metric_names[0]}: [\d.]+$", printed, re.M), group
+    # the kept parameters are the best on the validation split: its printed figure is the best logged one
+    valid = re.search(rf"^{re.escape(read['valid'].title)} {task.metric_names[0]}: (-?[\d.]+)$", printed, re.M)
+    assert float(valid.group(1)) == pytest.approx(max(p[first] for p in log), abs=0.006)
+    print(f"{name}: {valid.group(0)}")
+    for split in read.values():
+        if not split.submission:
+            continue
+        lines = (tmp_path / "sub" / split.submission).read_text().splitlines()
+        assert lines[0] == "index\tprediction" and len(lines) == len(split) + 1
+        index, values = zip(*(line.split("\t") for line in lines[1:]))
+        assert list(index) == [str(i) for i in (split.index if split.index is not None else range(len(split)))]
+        if task.label_names is None:
+            assert all(re.fullmatch(r"-?\d+\.\d{3}", v) for v in values)
+        else:
+            assert set(values) <= set(task.label_names)
