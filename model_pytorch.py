@@ -272,7 +272,7 @@ class BatchPlan:
 
     n_seq: int
     n_ctx: int
-    clf_rows: torch.Tensor
+    clf_rows: "torch.Tensor | None"
     layout: "PaddingLayout | None" = None
     lm_rows: "torch.Tensor | None" = None
     lm_targets: "torch.Tensor | None" = None
@@ -287,8 +287,10 @@ class BatchPlan:
         tokens = X[..., 0].reshape(-1, T)
         keep = M.reshape(-1, T) > 0
         n_seq = tokens.shape[0]
-        clf = first_classify_positions(tokens, clf_token)
-        plan = BatchPlan(n_seq, T, to_device(np.arange(n_seq) * T + clf, device))
+        clf_rows = None  # a language model alone (clf_token None) pools nothing
+        if clf_token is not None:
+            clf_rows = to_device(np.arange(n_seq) * T + first_classify_positions(tokens, clf_token), device)
+        plan = BatchPlan(n_seq, T, clf_rows)
         if skip_padding:
             plan.layout = PaddingLayout.from_host_mask(keep, device)
             if lm:
@@ -506,9 +508,11 @@ class LMModel(nn.Module):
             pos_emb_mask[:, :, -n_ctx:] = -1e12  # never predict a position row
             self.register_buffer("pos_emb_mask", pos_emb_mask, persistent=False)
 
-    def forward(self, x):
+    def forward(self, x, plan=None):
+        """LM logits at every position ([N, T, vocab]), or with a BatchPlan only at the positions whose
+        next token is real ([n_selected, vocab], as LMHead with a mask)."""
         we = self.transformer.embedding_matrix()
-        lm_logits = self.lm_head(self.transformer(x, we), we)
+        lm_logits = self.lm_head(self.transformer(x, we, plan=plan), we, plan=plan)
         if self.return_probs:
             return F.softmax(lm_logits + self.pos_emb_mask, dim=-1)
         return lm_logits

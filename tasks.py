@@ -640,9 +640,69 @@ def _rocstories_task():
 TASKS = {task.name: task for task in [_rocstories_task(), *_declarations()]}
 
 
+@dataclass(frozen=True)
+class LanguageModelTask:
+    """Language modelling on a user's plain text, with the paper's pre-training recipe (`--dataset lm`).
+
+    Files: every `*.txt` under the folder (sorted by path), or `train.txt` and `valid.txt` where both
+    exist. Each non-blank line is encoded on its own and the ids are joined into one stream per split,
+    cut into contiguous sequences of n_ctx tokens (the last, partial one is dropped). Without
+    `valid.txt` the last `valid_fraction` of the lines (by characters, at least one line) is held out
+    for validation. The metric is perplexity: exp of the mean next-token loss.
+    """
+
+    name: str = "lm"
+    title: str = "LM"
+    metric_names: tuple = ("Perplexity",)
+    valid_fraction: float = 0.05
+    n_sequences: int = 1
+
+    def files(self, data_dir):
+        train, valid = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "valid.txt")
+        if os.path.isfile(train) and os.path.isfile(valid):
+            return [train], [valid]
+        found = sorted(glob.glob(os.path.join(glob.escape(data_dir), "**", "*.txt"), recursive=True))
+        if not found:
+            where = "does not exist" if not os.path.isdir(data_dir) else "holds no *.txt file"
+            raise DataError(f"{data_dir!r} {where}: --dataset lm reads plain text files (*.txt, UTF-8), or "
+                            "train.txt and valid.txt")
+        return found, []
+
+    def read(self, data_dir):
+        train_files, valid_files = self.files(data_dir)
+        lines = lambda files: [line.strip() for path in files for line in read_text(path).splitlines()
+                               if line.strip()]
+        train, valid = lines(train_files), lines(valid_files)
+        if not valid_files:
+            total, held, cut = sum(map(len, train)), 0, len(train)
+            while cut > 1 and held < self.valid_fraction * total:
+                cut -= 1
+                held += len(train[cut])
+            train, valid = train[:cut], train[cut:]
+        if not train or not valid:
+            raise DataError(f"{data_dir}: too little text for a training and a validation part")
+        return {"train": Split((train,), None, "LM Train"), "valid": Split((valid,), None, "LM Valid")}
+
+    def sequences(self, encoded_texts, specials, max_tokens):
+        """Contiguous n_ctx-token pieces of the split's id stream: ([[piece]] per example, 0 cut)."""
+        stream = [i for ids in encoded_texts[0] for i in ids]
+        n = len(stream) // max_tokens
+        if n == 0:
+            raise ValueError(f"a split holds {len(stream)} tokens, fewer than one sequence of {max_tokens}")
+        return [[stream[k * max_tokens:(k + 1) * max_tokens]] for k in range(n)], 0
+
+    def metrics(self, mean_loss):
+        return {"Perplexity": float(np.exp(mean_loss))}
+
+
+LANGUAGE_MODEL = LanguageModelTask()
+
+
 def get_task(name):
+    if name == LANGUAGE_MODEL.name:
+        return LANGUAGE_MODEL
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, lm")
     return TASKS[name]
 
 

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 import analysis
 from datasets import DataError, rocstories, write_synthetic_rocstories
-from loss import MultipleChoiceLossCompute
+from loss import MultipleChoiceLossCompute, lm_losses
 from model_pytorch import (
     ACT_FNS,
     BatchPlan,
     DoubleHeadModel,
+    LMModel,
     WeightsError,
     first_classify_positions,
     load_openai_pretrained_model,
@@ -46,7 +47,17 @@ from model_pytorch import (
     to_device,
 )
 from opt import SCHEDULES, OpenAIAdam
-from tasks import TASKS, RocStoriesTask, Specials, Task, add_specials, get_task, report_lines, to_arrays
+from tasks import (
+    TASKS,
+    LanguageModelTask,
+    RocStoriesTask,
+    Specials,
+    Task,
+    add_specials,
+    get_task,
+    report_lines,
+    to_arrays,
+)
 from text_utils import TextEncoder, VocabularyError, learn_bpe
 from utils import ResultLogger, encode_dataset, iter_data, make_path
 
@@ -69,8 +80,9 @@ def build_parser():
     run = p.add_argument_group("run", "settings that fix the run's shapes and numbers (kept on --resume)")
     io = p.add_argument_group("io", "paths, reporting and devices (free to change on --resume)")
     io.add_argument("--desc", type=str, default=None, help="run name (log/DESC.jsonl, save/DESC/); default: dataset")
-    run.add_argument("--dataset", type=str, default="rocstories", choices=list(TASKS),
-                     help="the task (docs/tasks.md); --data_dir is its folder as distributed")
+    run.add_argument("--dataset", type=str, default="rocstories", choices=[*TASKS, "lm"],
+                     help="the task (docs/tasks.md); --data_dir is its folder as distributed. lm: language "
+                          "modelling on the plain text files of --data_dir")
     io.add_argument("--log_dir", type=str, default="log/")
     io.add_argument("--save_dir", type=str, default="save/")
     io.add_argument("--data_dir", type=str, default="data/")
@@ -179,10 +191,19 @@ def demo_paths(args):
     return args
 
 
+# The paper's pre-training recipe (its section 4.1): lr 2.5e-4 with a cosine schedule, 64 sequences of
+# n_ctx tokens per update; dropout, L2 and the warm-up fraction as for fine-tuning.
+LM_DEFAULTS = dict(lr=2.5e-4, lr_schedule="warmup_cosine", n_batch=16)
+
+
 def parse_args(argv=None):
-    """The flags; with --demo, the demo's sizes become the defaults (explicit flags still win)."""
+    """The flags; with --demo, the demo's sizes become the defaults, with --dataset lm the paper's
+    pre-training recipe (explicit flags still win)."""
     parser = build_parser()
-    if parser.parse_known_args(argv)[0].demo:
+    known = parser.parse_known_args(argv)[0]
+    if known.dataset == "lm":
+        parser.set_defaults(**LM_DEFAULTS)
+    if known.demo:
         parser.set_defaults(**DEMO_DEFAULTS)
         return demo_paths(parser.parse_args(argv))
     return parser.parse_args(argv)
@@ -262,7 +283,8 @@ def check_split(name, X, M, vocab, clf_token):
     if X.size and (X.min() < 0 or X.max() >= vocab):
         raise RunError(f"{name}: ids range over {X.min()} ... {X.max()} but the embedding has {vocab} rows")
     try:
-        first_classify_positions(X[..., 0].reshape(-1, X.shape[-2]), clf_token, where=name)
+        if clf_token is not None:
+            first_classify_positions(X[..., 0].reshape(-1, X.shape[-2]), clf_token, where=name)
     except ValueError as err:
         raise RunError(str(err)) from None
     keep = M.reshape(-1, M.shape[-1]) > 0
@@ -299,7 +321,10 @@ def load_task_data(args, text_encoder, task):
             tqdm.write(note)
     cache_dir = args.cache_dir or os.path.join(args.save_dir, "encoded")
     encoded = encode_cached([split.texts for split in read.values()], text_encoder, cache_dir)
-    specials = add_specials(text_encoder)
+    if isinstance(task, LanguageModelTask):  # plain text: no special tokens
+        specials = Specials(len(text_encoder.encoder), None, None, None, n_special=0)
+    else:
+        specials = add_specials(text_encoder)
     sequences, n_cut = {}, 0
     for name, texts in zip(read, encoded):
         try:
@@ -310,7 +335,10 @@ def load_task_data(args, text_encoder, task):
     if n_cut:
         tqdm.write(f"{n_cut} examples were cut to fit --n_ctx {args.n_ctx} (see the cut rule in docs/tasks.md)")
     n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), args.n_ctx)
-    splits = {name: (*to_arrays(sequences[name], n_ctx, specials), read[name].labels) for name in read}
+    splits = {}
+    for name, split in read.items():
+        labels = split.labels if split.labels is not None or name != "train" else np.zeros(len(sequences[name]))
+        splits[name] = (*to_arrays(sequences[name], n_ctx, specials), labels)
     return TaskData(task, splits, specials, n_ctx, read)
 
 
@@ -579,7 +607,11 @@ def no_autocast(args, runtime):
 
 
 def batch_objective(model, batch, compute, args):
-    """The training objective of one (micro-)batch: mean task loss + lm_coef * mean LM loss."""
+    """The training objective of one (micro-)batch: mean task loss + lm_coef * mean LM loss, or (a
+    language model alone, compute None) the mean LM loss."""
+    if compute is None:
+        lm_logits = model(batch.X, plan=batch.plan)
+        return lm_losses(batch.X, batch.M, lm_logits.float(), plan=batch.plan).mean()
     mask = None if args.plain else batch.M
     lm_logits, clf_logits = model(batch.X, mask=mask, compute_lm=args.lm_coef > 0, plan=batch.plan)
     clf, lm = compute.losses(batch.X, batch.Y, batch.M, clf_logits.float(),
@@ -680,14 +712,42 @@ def _task_head(model):
     return model.task_head
 
 
+@torch.no_grad()
+def evaluate_lm(model, X, M, args, runtime):
+    """Mean next-token loss over the sequences (all of n_ctx tokens), read back once at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = torch.zeros((), device=runtime.device)
+        for idx in iter_data(np.arange(len(X)), n_batch=args.eval_batch):
+            batch = make_batch(X[idx], M[idx], None, None, runtime.device, "trimmed")
+            with autocast(args, runtime):
+                logits = model(batch.X, plan=batch.plan)
+            total += lm_losses(batch.X, batch.M, logits.float(), plan=batch.plan).sum()
+        return total.item() / len(X)
+    finally:
+        model.train(was_training)
+
+
 def evaluate(model, task, X, M, Y, args, runtime):
     """(mean task loss, {metric: value}) of the labelled examples X, M, Y."""
+    if isinstance(task, LanguageModelTask):
+        cost = evaluate_lm(model, X, M, args, runtime)
+        return cost, task.metrics(cost)
     logits = predict_logits(model, X, M, args, runtime)
     cost = task.losses(torch.from_numpy(logits), torch.from_numpy(Y)).mean().item()
     return cost, task.metrics(logits, Y)
 
 
-METRIC_KEYS = {"Accuracy": "acc", "MCC": "mcc", "F1": "f1", "Pearson": "pearson", "Spearman": "spearman"}
+METRIC_KEYS = {"Accuracy": "acc", "MCC": "mcc", "F1": "f1", "Pearson": "pearson", "Spearman": "spearman",
+               "Perplexity": "ppl"}
+
+
+def selection_score(task, metrics):
+    """The figure that picks the kept parameters, higher is better: the task's first metric
+    (perplexity negated)."""
+    name = task.metric_names[0]
+    return -metrics[name] if name == "Perplexity" else metrics[name]
 
 
 def write_submission(rows, path):
@@ -803,7 +863,10 @@ def set_up(args, runtime, times):
     with times("loading"):
         cfg = make_config(args)
         cfg.fused_attention = not args.plain
-        run.model = DoubleHeadModel(cfg, data.specials.clf_token, data.task.head, vocab=vocab, n_ctx=data.n_ctx)
+        if isinstance(data.task, LanguageModelTask):
+            run.model = LMModel(cfg, vocab=vocab, n_ctx=data.n_ctx)
+        else:
+            run.model = DoubleHeadModel(cfg, data.specials.clf_token, data.task.head, vocab=vocab, n_ctx=data.n_ctx)
         load_openai_pretrained_model(run.model.transformer, n_ctx=data.n_ctx, n_special=data.specials.n_special,
                                      n_transfer=args.n_transfer, n_embd=args.n_embd, path=args.model_path,
                                      special_rows=run.data_rng)
@@ -821,7 +884,8 @@ def set_up(args, runtime, times):
     run.opt = OpenAIAdam(run.model.parameters(), lr=args.lr, schedule=args.lr_schedule, warmup=args.lr_warmup,
                          t_total=run.n_updates_total, b1=args.b1, b2=args.b2, e=args.e, l2=args.l2,
                          vector_l2=args.vector_l2, max_grad_norm=args.max_grad_norm)
-    run.compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef, clf_criterion=data.task.losses)
+    if not isinstance(data.task, LanguageModelTask):
+        run.compute = MultipleChoiceLossCompute(lm_coef=args.lm_coef, clf_criterion=data.task.losses)
     run.scaler = torch.amp.GradScaler(runtime.device.type) if args.amp == "fp16" else None
     return run
 
@@ -957,7 +1021,7 @@ def log_point(run):
             run.logger.log(**point)
             tqdm.write(" ".join(f"{v:.3f}" if k.endswith("cost") else f"{v:.2f}" if isinstance(v, float) else str(v)
                                 for k, v in point.items()))
-            score = va_metrics[task.metric_names[0]]
+            score = selection_score(task, va_metrics)
     if score is not None and args.submit and score > progress.best_score:
         progress.best_score = score
         with run.times("checkpoint writing"):
@@ -1040,6 +1104,23 @@ def predict(run):
         print(line)
 
 
+def save_language_model(run):
+    """The trained language model (the best on validation with --submit) in the Hugging Face format,
+    with its vocabulary, in save/DESC/model: `--model_path` of a fine-tuning run loads it."""
+    from export_hf import save_hf_checkpoint
+
+    args = run.args
+    with run.times("checkpoint writing"):
+        if args.submit:
+            load_best_params(run.model, run.best_path)
+        out = os.path.join(run.save_dir, "model")
+        save_hf_checkpoint(run.model, TextEncoder(args.encoder_path, args.bpe_path), out)
+    cost = evaluate_lm(run.model, *run.data.splits["valid"][:2], args, run.runtime)
+    tqdm.write(f"language model saved in {out} (fine-tune it with --model_path {out})")
+    if args.analysis:
+        print(f"LM Valid Perplexity: {np.exp(cost):.2f}")
+
+
 def run_training(args, runtime, parser_defaults=None, t_start=None):
     """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), prediction."""
     t_start = t_start or time.time()
@@ -1063,7 +1144,9 @@ def run_training(args, runtime, parser_defaults=None, t_start=None):
             tqdm.write(f"stopped after {run.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {run.ckpt_path})")
         return 130
-    if runtime.main and (args.submit or args.analysis):
+    if runtime.main and isinstance(run.data.task, LanguageModelTask):
+        save_language_model(run)
+    elif runtime.main and (args.submit or args.analysis):
         predict(run)
     if runtime.main:
         report_compile(run)
