@@ -880,3 +880,303 @@ def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer, special_rows=N
             p = body.h[i].get_parameter(ours)
             p.copy_(tensor(f"h.{i}.{theirs}", p.shape))
     _fill_special_rows(body, n_vocab, n_special, special_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation with a key/value cache
+# ---------------------------------------------------------------------------------------------
+# The cached forward below runs the blocks' own submodules (c_attn, c_proj, ln_1, mlp, ln_2) one
+# new position at a time, keeping the keys and values of past positions per layer. Dropout is
+# never applied: generation puts the model in eval mode.
+
+class KVCache:
+    """Keys and values of every layer for the positions computed so far; slot p holds position p.
+
+    Sequences of one batch have their own lengths: the buffer is padded on the right, and a query
+    at position p attends to slots 0 ... p of its own sequence only, so padding is never seen.
+    """
+
+    def __init__(self, n_layer, n_batch, n_head, n_slots, head_dim, like):
+        shape = (n_batch, n_head, n_slots, head_dim)
+        self.keys = [like.new_zeros(shape) for _ in range(n_layer)]
+        self.values = [like.new_zeros(shape) for _ in range(n_layer)]
+
+    def write(self, layer, k, v, pos):
+        """Store k and v ([B, H, T, d]) of the positions `pos` ([B, T]) of each sequence."""
+        rows = torch.arange(pos.size(0), device=pos.device)[:, None]
+        self.keys[layer][rows, :, pos] = k.transpose(1, 2)  # indexed view: [B, T, H, d]
+        self.values[layer][rows, :, pos] = v.transpose(1, 2)
+
+    def attend(self, layer, q, pos):
+        """Causal attention of queries q ([B, H, T, d]) at positions `pos` over the cached slots."""
+        n = int(pos.max()) + 1
+        allowed = torch.arange(n, device=pos.device) <= pos[:, :, None]  # [B, T, n]
+        keys, values = self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed[:, None])
+
+
+def cached_block(block, x, cache, layer, pos):
+    """One post-norm block (SPEC §2) on new positions only, their keys and values added to `cache`."""
+    attn = block.attn
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+    cache.write(layer, k, v, pos)
+    a = attn.c_proj(cache.attend(layer, q, pos).transpose(1, 2).reshape(B, T, C))
+    n = block.ln_1(x + a)
+    return block.ln_2(n + block.mlp(n))
+
+
+def cached_forward(body, tokens, pos, cache):
+    """Hidden states [B, T, n_embd] of `tokens` ([B, T]) at positions `pos` ([B, T]), given the
+    cached past: each new token costs one position, not the whole prefix."""
+    we = body.embed.weight
+    first_position_row = we.size(0) - body.n_ctx  # position p is row n_vocab + n_special + p
+    h = F.embedding(tokens, we) + F.embedding(first_position_row + pos, we)
+    for layer, block in enumerate(body.h):
+        h = cached_block(block, h, cache, layer, pos)
+    return h
+
+
+def prefix_forward(body, tokens, lengths):
+    """Hidden state at the last real position of each sequence, re-running the whole prefix with
+    the ordinary forward (the uncached baseline). `tokens` is padded on the right, which causal
+    attention makes exact."""
+    T = int(lengths.max())
+    positions = body.embed.weight.size(0) - body.n_ctx + torch.arange(T, device=tokens.device)
+    x = torch.stack([tokens[:, :T], positions.expand(tokens.size(0), T)], dim=-1)
+    h = body(x, body.embed.weight)
+    return h[torch.arange(h.size(0), device=h.device), lengths - 1]
+
+
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution the next token is drawn from: softmax(logits / temperature) kept to the
+    top_k largest logits (ties with the k-th kept too; 0: all), then to the smallest set of most
+    likely tokens whose probability reaches top_p (1: all), renormalised."""
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_probs, order = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # probability of the tokens ranked above
+        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def choose_next(logits, greedy, temperature, top_k, top_p, generator):
+    if greedy:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class Generation:
+    """What `generate` returns: the new token ids of each prompt (ending with the stop token
+    where one was produced) and, with return_logits, the raw LM logits over every row of the
+    embedding before each choice, [n_prompts, n_steps, rows] (steps after a stop are filler)."""
+
+    tokens: list
+    logits: torch.Tensor = None
+
+
+class GenerationError(ValueError):
+    """Prompts or settings that generation cannot honour."""
+
+
+def _check_generation_args(prompts, rows, n_vocab, n_ctx, max_new_tokens, greedy, temperature, top_k, top_p,
+                           stop_token):
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise GenerationError("prompts must be a non-empty list of token id lists")
+    if not 0 < n_vocab <= rows - n_ctx:
+        raise GenerationError(f"n_vocab={n_vocab} but the embedding has {rows} rows, {n_ctx} of them positions")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not greedy and not temperature > 0:
+        raise GenerationError(f"temperature must be > 0 (or use greedy decoding), got {temperature}")
+    if top_k < 0 or not 0 < top_p <= 1:
+        raise GenerationError(f"top_k must be >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    if stop_token is not None and not 0 <= stop_token < n_vocab:
+        raise GenerationError(f"stop_token {stop_token} is not a token id (0 ... {n_vocab - 1})")
+    n_token_rows = rows - n_ctx  # token and special rows may be given; position rows may not
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise GenerationError(f"prompt {i} is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= int(t) < n_token_rows]
+        if bad:
+            raise GenerationError(f"prompt {i} holds id {bad[0]}, outside the token and special rows 0 ... "
+                             f"{n_token_rows - 1}")
+        if len(prompt) + max_new_tokens > n_ctx:
+            raise GenerationError(
+                f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} it would reach "
+                f"{len(prompt) + max_new_tokens} positions but the model has n_ctx={n_ctx}; shorten the prompt "
+                f"or ask for at most {max(n_ctx - len(prompt), 0)} new tokens"
+            )
+
+
+@torch.no_grad()
+def generate(model, prompts, n_vocab, max_new_tokens=20, greedy=False, temperature=1.0, top_k=0, top_p=1.0,
+             seed=None, stop_token=None, use_cache=True, return_logits=False):
+    """Continue each prompt (a list of token ids) of `model` (LMModel, DoubleHeadModel or
+    TransformerModel) with the tied LM head.
+
+    Only token rows 0 ... n_vocab-1 may come out: special and position rows are masked. Each
+    prompt plus max_new_tokens must fit in n_ctx (an error says by how much it does not; there is
+    no sliding window, as positions beyond n_ctx have no embedding). greedy takes the most likely
+    token; otherwise tokens are drawn from `next_token_probs`, reproducibly when `seed` is given.
+    A sequence ends at `stop_token` (kept in its output); all stop when every one has.
+    use_cache=False re-runs the whole prefix for every token (the baseline: same results).
+    """
+    body = _body(model)
+    we = body.embed.weight
+    _check_generation_args(prompts, we.size(0), n_vocab, body.n_ctx, max_new_tokens, greedy, temperature, top_k,
+                           top_p, stop_token)
+    device = we.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    buffer = torch.zeros(B, int(lengths.max()) + max_new_tokens, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        buffer[i, :len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
+    rows = torch.arange(B, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        if use_cache:
+            P = int(lengths.max())
+            head_dim = body.cfg.n_embd // body.cfg.n_head
+            cache = KVCache(len(body.h), B, body.cfg.n_head, buffer.size(1), head_dim, we)
+            h = cached_forward(body, buffer[:, :P], torch.arange(P, device=device).expand(B, P), cache)
+            h_last = h[rows, lengths - 1]
+        else:
+            h_last = prefix_forward(body, buffer, lengths)
+        steps, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = F.linear(h_last, we)
+            if return_logits:
+                steps.append(logits)
+            logits = logits.clone()
+            logits[:, n_vocab:] = float("-inf")  # never a special or position row
+            token = choose_next(logits, greedy, temperature, top_k, top_p, generator)
+            buffer[rows, lengths] = token
+            lengths = lengths + 1
+            if stop_token is not None:
+                done |= token == stop_token
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                h_last = cached_forward(body, token[:, None], (lengths - 1)[:, None], cache)[:, 0]
+            else:
+                h_last = prefix_forward(body, buffer, lengths)
+    finally:
+        model.train(was_training)
+    tokens = [_until_stop(buffer[i, len(p):int(lengths[i])].tolist(), stop_token) for i, p in enumerate(prompts)]
+    return Generation(tokens, torch.stack(steps, dim=1) if return_logits and steps else None)
+
+
+def _until_stop(tokens, stop_token):
+    return tokens[:tokens.index(stop_token) + 1] if stop_token in tokens else tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Models from weights on disk, for generation and export
+# ---------------------------------------------------------------------------------------------
+
+def read_checkpoint(path):
+    """(state dict, recorded args or {}) of a `.safetensors` file (best_params.safetensors) or of a
+    train.py checkpoint (checkpoint.pt: its "model" and "args"), loaded without unpickling code."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"checkpoint file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path), {}
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # both libraries raise their own error types
+        raise WeightsError(f"{path}: cannot be read as a checkpoint ({err})") from None
+    if isinstance(saved, Mapping) and isinstance(saved.get("model"), Mapping):
+        return dict(saved["model"]), dict(saved.get("args") or {})
+    if isinstance(saved, Mapping) and all(isinstance(v, torch.Tensor) for v in saved.values()):
+        return dict(saved), {}
+    raise WeightsError(f"{path}: expected a state dict or a train.py checkpoint holding one under 'model'")
+
+
+def _resolve_n_head(n_head, n_embd, recorded, source):
+    """n_head as given, else as recorded with the weights, else GPT-1's 12 at n_embd 768."""
+    n_head = n_head or recorded.get("n_head")
+    if n_head:
+        return int(n_head)
+    if n_embd == 768:
+        return 12
+    raise WeightsError(f"{source}: the weights do not record n_head and n_embd={n_embd} is not GPT-1's 768; "
+                       "give n_head (--n_head)")
+
+
+def model_from_checkpoint(path, n_vocab, n_special=3, n_head=None, task_head_type=None):
+    """An LMModel (task_head_type None) or a DoubleHeadModel holding a checkpoint of this project.
+
+    The embedding has n_vocab + n_special + n_ctx rows and the file does not say where the
+    specials end, so n_special is given (train.py's tasks add 3); n_ctx is what is left.
+    The classify token of a DoubleHeadModel is taken as the last special (train.py's order);
+    task_head_type "auto" means "multiple_choice" if the file holds a task head, else an LMModel.
+    """
+    state, recorded = read_checkpoint(path)
+    if task_head_type == "auto":
+        task_head_type = "multiple_choice" if any(k.startswith("task_head.") for k in state) else None
+    embed = next((k for k in ("transformer.embed.weight", "lm_head.decoder.weight", "embed.weight") if k in state),
+                 None)
+    if embed is None:
+        raise WeightsError(f"{path}: no embedding (transformer.embed.weight or lm_head.decoder.weight) found")
+    rows, n_embd = state[embed].shape
+    prefix = "" if embed == "embed.weight" else "transformer."
+    n_layer = sum(1 for k in state if k.startswith(prefix + "h.") and k.endswith(".attn.c_attn.w"))
+    n_ctx = rows - n_vocab - n_special
+    if n_ctx <= 0:
+        raise WeightsError(f"{path}: the embedding has {rows} rows, too few for n_vocab={n_vocab} tokens + "
+                           f"n_special={n_special} specials + positions: wrong vocabulary or n_special?")
+    cfg = make_config(dict(recorded, n_embd=n_embd, n_layer=n_layer,
+                           n_head=_resolve_n_head(n_head, n_embd, recorded, path)))
+    if task_head_type is None:
+        model = LMModel(cfg, vocab=rows, n_ctx=n_ctx)
+    else:
+        model = DoubleHeadModel(cfg, n_vocab + n_special - 1, task_head_type, vocab=rows, n_ctx=n_ctx)
+        head = {k[len("task_head."):]: v for k, v in state.items() if k.startswith("task_head.")}
+        _load_part(model.task_head, head, path, "task_head.")
+    body = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    body.setdefault("embed.weight", state[embed])
+    _load_part(model.transformer, body, path, prefix)
+    return model
+
+
+def _load_part(module, state, source, prefix):
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise WeightsError(f"{source}: the tensors under {prefix!r} do not fit the model ({err})") from None
+
+
+def model_from_pretrained(path, n_head=None):
+    """An LMModel holding pre-trained weights (OpenAI shards or Hugging Face format, SPEC §1) with
+    every position row and no special rows: its n_ctx is the position table's length."""
+    if weights_format(path) == "openai":
+        with open(os.path.join(path, "params_shapes.json")) as f:
+            shapes = json.load(f)
+        n_vocab, (n_positions, n_embd), n_layer, recorded = shapes[1][0], shapes[0], (len(shapes) - 2) // 12, {}
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            recorded = json.load(f)
+        n_vocab, n_positions = pretrained_sizes(path)
+        n_embd, n_layer = recorded.get("n_embd", 768), recorded.get("n_layer", 12)
+    cfg = make_config(dict(n_embd=n_embd, n_layer=n_layer, afn=recorded.get("afn", "gelu"),
+                           n_head=_resolve_n_head(n_head, n_embd, recorded, path)))
+    model = LMModel(cfg, vocab=n_vocab + n_positions, n_ctx=n_positions)
+    load_openai_pretrained_model(model, n_ctx=n_positions, n_special=0, n_transfer=n_layer, n_embd=n_embd, path=path)
+    return model
+
+
+def load_lm(path, n_vocab, n_head=None, n_special=3):
+    """An LMModel from a weights folder (pre-trained or exported) or a checkpoint file of this project."""
+    if os.path.isdir(path):
+        return model_from_pretrained(path, n_head)
+    return model_from_checkpoint(path, n_vocab, n_special, n_head)

@@ -4,6 +4,7 @@ same process (alternating, several runs, median and min-max):
     python bench/benchmark.py            # full-size model, about 10 minutes on 2 CPU cores
     python bench/benchmark.py --quick    # small model, under a minute
     python bench/benchmark.py --only encode,optimizer
+    python bench/benchmark.py --only generate   # KV-cached generation vs re-running the prefix
     python bench/benchmark.py --device cuda --only train,run   # the GPU checks: per-update table
                                                                # (fp32, bf16) and a whole ROCStories run
 
@@ -448,13 +449,41 @@ def bench_load(weights_dir, repeats):
                               "original)", ratio=None))
 
 
+
+def bench_generate(size, weights_dir, rounds, n_new=256, prompt_len=32):
+    """Issue 11: new tokens/s generating n_new tokens (greedy) after one prompt of prompt_len tokens,
+    with the key/value cache vs re-running the whole prefix for every token, alternating."""
+    from model_pytorch import generate, model_from_pretrained
+
+    n_vocab, _, n_head, _ = size
+    model = model_from_pretrained(os.path.join(weights_dir, "openai"), n_head=n_head).eval()
+    prompt = [np.random.default_rng(0).integers(0, n_vocab, prompt_len).tolist()]
+    variants = {"ours (KV cache)": True, "re-running the prefix": False}
+    for use_cache in variants.values():  # warm-up
+        generate(model, prompt, n_vocab, max_new_tokens=8, greedy=True, use_cache=use_cache)
+    times, tokens = {label: [] for label in variants}, {}
+    for _ in range(rounds):
+        for label, use_cache in variants.items():
+            t0 = time.perf_counter()
+            tokens[label] = generate(model, prompt, n_vocab, max_new_tokens=n_new, greedy=True,
+                                     use_cache=use_cache).tokens
+            times[label].append(time.perf_counter() - t0)
+    same = len(set(map(str, tokens.values()))) == 1
+    ours = statistics.median(times["ours (KV cache)"])
+    for label, ts in times.items():
+        rates = [n_new / t for t in ts]
+        ROWS.append(dict(section=f"generate {n_new} tokens", variant=label, unit="new tokens/s",
+                         median=statistics.median(rates), low=min(rates), high=max(rates),
+                         note=f"(prompt {prompt_len} tokens, batch 1, greedy; same tokens: {same})",
+                         ratio=statistics.median(ts) / ours if label != "ours (KV cache)" else None))
+
 # ------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, under a minute")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
-                        help="comma-separated sections: forward,train,updates,optimizer,encode,load,run")
+                        help="comma-separated sections: forward,train,updates,optimizer,encode,load,run,generate")
     parser.add_argument("--device", default="cpu", help="device of the train and run sections (cuda: the GPU checks)")
     parser.add_argument("--n_eval", type=int, default=None, help="stories evaluated in the train section "
                         "(default: 1871 on a GPU, 64 on a CPU)")
@@ -499,6 +528,8 @@ def main(argv=None):
                 print("load: measured at full size only (skipped with --quick)")
             else:
                 bench_load(tmp, repeats)
+        if "generate" in sections:
+            bench_generate(size, tmp, args.repeats or 3)
         if "run" in sections:
             bench_run(tmp, args.device, args.run_args.split())
     print_table()
