@@ -279,3 +279,25 @@ def test_cli_stop_text(cli_files, capsys):
                "--stop", encoder.decode([stop]))
     assert generate_cli.main(argv) == 0
     assert capsys.readouterr().out == f"the cat sat >>> {encoder.decode(free[:free.index(stop) + 1])}\n"
+
+
+def test_cli_defaults_read_model_folder(cli_files, tmp_path, monkeypatch, capsys):
+    base, encoder = cli_files
+    (tmp_path / "model").mkdir()
+    for src, name in ((base / "encoder.json", "encoder_bpe_40000.json"), (base / "vocab.bpe", "vocab_40000.bpe")):
+        (tmp_path / "model" / name).write_bytes(src.read_bytes())
+    write_openai_weights(tmp_path / "model", n_vocab=len(encoder.encoder), n_ctx=32, n_embd=32, n_layer=2, seed=3)
+    monkeypatch.chdir(tmp_path)
+    assert generate_cli.main(["--prompt", "the cat sat", "--greedy", "--max_new_tokens", "4", "--n_head", "4"]) == 0
+    tokens = direct(base, encoder, ["the cat sat"], max_new_tokens=4, greedy=True)[0]
+    assert capsys.readouterr().out == f"the cat sat >>> {encoder.decode(tokens)}\n"
+
+
+def test_cli_demo_needs_no_download(tmp_path, capsys):
+    argv = ["--demo", "--demo_dir", str(tmp_path / "demo"), "--prompt", "tom was happy .", "--max_new_tokens", "5",
+            "--seed", "0"]
+    assert generate_cli.main(argv) == 0  # writes the demo's vocabulary and random weights first
+    first = capsys.readouterr().out
+    assert first.startswith("tom was happy . >>> ") and len(first.split(" >>> ")[1].strip()) > 0
+    assert (tmp_path / "demo" / "model" / "params_shapes.json").exists()
+    assert generate_cli.main(argv) == 0 and capsys.readouterr().out == first
