@@ -13,7 +13,7 @@ from export_hf import ExportError, save_hf_checkpoint
 from model_pytorch import DoubleHeadModel, LMModel, WeightsError, generate, model_from_pretrained
 from random_weights import write_openai_weights
 from text_utils import TextEncoder, learn_bpe
-from train import add_specials, save_best_params
+from train import add_specials, host_copy, model_state, save_best_params
 
 transformers = pytest.importorskip("transformers")
 
@@ -178,7 +178,7 @@ def test_transformers_tokenizer_gives_our_ids(vocab, tmp_path):
 def test_export_command_from_a_fine_tuned_checkpoint(vocab, tmp_path, capsys):
     enc = text_encoder(vocab)
     model = double_model(enc.n_vocab)
-    save_best_params(model, str(tmp_path / "best_params.safetensors"))
+    save_best_params(host_copy(model_state(model)), str(tmp_path / "best_params.safetensors"))
     argv = ["--model_path", str(tmp_path / "best_params.safetensors"), "--encoder_path", str(vocab[0]),
             "--bpe_path", str(vocab[1]), "--n_head", str(TINY_HEADS)]
     assert export_hf.main(argv + ["--out", str(tmp_path / "hf")]) == 0

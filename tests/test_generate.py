@@ -187,13 +187,13 @@ def test_prompts_may_hold_special_tokens(model):
 
 def fine_tuned(tmp_path):
     """A DoubleHeadModel saved as train.py saves its best parameters."""
-    from train import save_best_params
+    from train import host_copy, model_state, save_best_params
 
     model = DoubleHeadModel(tiny_config(), N_VOCAB + 2, "multiple_choice", vocab=N_VOCAB + N_SPECIAL + N_CTX,
                             n_ctx=N_CTX)
     lively(model.transformer, seed=4)
     path = tmp_path / "best_params.safetensors"
-    save_best_params(model, str(path))
+    save_best_params(host_copy(model_state(model)), str(path))
     return model, path
 
 
