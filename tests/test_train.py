@@ -729,3 +729,86 @@ def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
             assert all(re.fullmatch(r"-?\d+\.\d{3}", v) for v in values)
         else:
             assert set(values) <= set(task.label_names)
+
+
+# ----------------------------------------------------------------------------- language modelling on a corpus
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small plain-text corpus (stories), a vocabulary learned from it and the ROCStories data, and
+    tiny random weights."""
+    import random as _random
+
+    from datasets import synthetic_story
+
+    base = tmp_path_factory.mktemp("lm")
+    rng = _random.Random(3)
+    text = base / "corpus"
+    text.mkdir()
+    lines = [" ".join(s) + " " + e1 for s, e1, _, _ in (synthetic_story(rng) for _ in range(400))]
+    (text / "a.txt").write_text("\n".join(lines[:200]) + "\n")
+    (text / "b.txt").write_text("\n\n".join(lines[200:]) + "\n")
+    data = write_synthetic_rocstories(base / "roc", n_val=120, n_test=40, seed=5)
+    roc = rocstories(data, n_valid=40)[0]
+    model = base / "model"
+    encoder = learn_bpe(lines + list(roc[0]) + list(roc[1]) + list(roc[2]), str(model / "encoder.json"),
+                        str(model / "vocab.bpe"), vocab_size=300, min_frequency=1)
+    write_openai_weights(model, n_vocab=len(encoder.encoder), n_ctx=96, n_embd=32, n_layer=2, seed=1)
+    return base
+
+
+def lm_arguments(corpus, out, *extra):
+    return ["--dataset", "lm", "--data_dir", str(corpus / "corpus"), "--model_path", str(corpus / "model"),
+            "--encoder_path", str(corpus / "model" / "encoder.json"), "--bpe_path", str(corpus / "model" / "vocab.bpe"),
+            "--log_dir", str(out / "log"), "--save_dir", str(out / "save"), "--submission_dir", str(out / "sub"),
+            "--desc", "run", "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2",
+            "--n_ctx", "32", "--n_batch", "4", "--n_gpu", "2", "--n_iter", "3", "--lr", "3e-3", "--lr_warmup", "0.05",
+            "--n_valid", "16", *extra]
+
+
+def test_language_model_training_lowers_validation_perplexity(corpus, tmp_path, capsys):
+    assert train.main(lm_arguments(corpus, tmp_path, "--submit", "--analysis")) == 0
+    printed = capsys.readouterr().out
+    log = read_log(tmp_path)
+    assert log[0]["lr_schedule"] == "warmup_cosine"  # the pre-training recipe's defaults
+    points = log[1:]
+    assert [p["n_epochs"] for p in points] == [1, 2, 3]
+    assert points[-1]["va_ppl"] < points[0]["va_ppl"] < 300  # (300: the vocabulary's size)
+    for p in points:  # perplexity is exp of the mean next-token loss
+        assert p["va_ppl"] == pytest.approx(np.exp(p["va_cost"]), rel=1e-6)
+    best = min(p["va_ppl"] for p in points)
+    assert f"LM Valid Perplexity: {best:.2f}" in printed
+    print(f"validation perplexity by epoch: {[round(p['va_ppl'], 2) for p in points]}")
+
+
+def test_language_model_resume_equals_an_uninterrupted_run(corpus, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main(lm_arguments(corpus, whole)) == 0
+    assert train.main(lm_arguments(corpus, parts, "--stop_after_updates", "4")) == 130
+    assert train.main(lm_arguments(corpus, parts, "--resume")) == 0
+    a, b = final_state(whole)["model"], final_state(parts)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tuning_starts_from_the_trained_language_model(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    assert train.main(lm_arguments(corpus, tmp_path / "lm")) == 0
+    lm_dir = tmp_path / "lm" / "save" / "run" / "model"
+    argv = ["--data_dir", str(corpus / "roc"), "--model_path", str(lm_dir), "--encoder_path",
+            str(lm_dir / "vocab.json"), "--bpe_path", str(lm_dir / "merges.txt"), "--log_dir", str(tmp_path / "log"),
+            "--save_dir", str(tmp_path / "save"), "--submission_dir", str(tmp_path / "sub"), "--desc", "run",
+            *SIZES, "--n_ctx", "32", "--n_iter", "1", "--stop_after_updates", "1"]
+    args = train.parse_args(argv)
+    runtime = train.Runtime(torch.device("cpu"))
+    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+    trained = final_state(tmp_path / "lm")["model"]
+    ours = run.model.transformer.state_dict()
+    n_vocab = run.data.specials.n_vocab
+    assert torch.equal(ours["h.1.mlp.c_fc.w"], trained["transformer.h.1.mlp.c_fc.w"])
+    we, lm_we = ours["embed.weight"], trained["transformer.embed.weight"]
+    assert torch.equal(we[:n_vocab], lm_we[:n_vocab])  # tokens
+    assert torch.equal(we[n_vocab + 3:], lm_we[n_vocab:n_vocab + we.size(0) - n_vocab - 3])  # positions
+    assert "transformer.tokens_embed.weight" in load_file(lm_dir / "model.safetensors") or \
+        "tokens_embed.weight" in load_file(lm_dir / "model.safetensors")
+    assert train.main(argv) == 130  # and it trains
