@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model_pytorch as mp
-from conftest import ROOT, TINY, TINY_HEADS, make_inputs, tiny_config
+from conftest import ROOT, TEST_DATA, TINY, TINY_HEADS, make_inputs, tiny_config
 from model_pytorch import (
     DEFAULT_CONFIG,
     DoubleHeadModel,
@@ -418,10 +418,7 @@ def test_readme_usage_snippet_runs_as_written(full_size_weights, tmp_path):
 
 
 def test_fixture_shapes_match_the_real_file():
-    shapes_file = ROOT.parent / "shared" / "openai-gpt" / "params_shapes.json"
-    if not shapes_file.exists():
-        pytest.skip("../shared/openai-gpt/params_shapes.json is absent")
-    real = json.loads(shapes_file.read_text())
+    real = json.loads((TEST_DATA / "params_shapes.json").read_text())  # OpenAI's file (model/README.md)
     assert real == mp.openai_shapes()
     assert sum(int(np.prod(s)) for s in real) == 116_534_784
     assert [list(a.shape) for a in random_openai_arrays(n_layer=1, seed=0)] == real[:14]

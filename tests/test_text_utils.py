@@ -11,12 +11,11 @@ from hypothesis import strategies as st
 
 import text_utils
 from bench.corpus import english_texts
-from conftest import OPENAI_GPT, needs_shared
+from conftest import OPENAI_GPT
 from text_utils import TextEncoder, VocabularyError, learn_bpe, text_standardize
 
 ENCODER = OPENAI_GPT / "encoder_bpe_40000.json"
 MERGES = OPENAI_GPT / "vocab_40000.bpe"
-real_vocab = needs_shared("encoder_bpe_40000.json", "vocab_40000.bpe")
 
 EDGE_CASES = [
     "", " ", "\n", "Mr. and Mrs. Dursley, of number four, Privet Drive, were proud to say they were normal.",
@@ -62,7 +61,6 @@ def original_standardize(text):
     return text.strip()
 
 
-@real_vocab
 def test_ids_identical_to_the_original_pipeline(ours, reference):
     texts = [t for t in english_texts() if "\\" not in t] + EDGE_CASES
     assert len(texts) >= 2000
@@ -72,7 +70,6 @@ def test_ids_identical_to_the_original_pipeline(ours, reference):
     assert mismatches == []
 
 
-@real_vocab
 def test_backslashes_follow_the_tf_rule(ours, reference, monkeypatch):
     texts = [t for t in english_texts() if "\\" in t] + ["a\\b", "C:\\\\path\\to\\file", "\\\\n escape \\"]
     assert len(texts) > 20
@@ -105,7 +102,6 @@ def test_ftfy_still_runs_where_it_matters():
         assert text_utils.fix_text(text) == ftfy.fix_text(text) != text
 
 
-@real_vocab
 def test_decode(ours):
     ids = ours.encode(["The cat sat on the mat. It was... happy!"], verbose=False)[0]
     assert ours.decode(ids) == "the cat sat on the mat . it was ... happy !"
@@ -118,7 +114,6 @@ def test_decode(ours):
         ours.decode([10 ** 6])
 
 
-@real_vocab
 def test_hugging_face_file_names(tmp_path, ours):
     shutil.copy(ENCODER, tmp_path / "vocab.json")
     shutil.copy(MERGES, tmp_path / "merges.txt")
@@ -171,7 +166,6 @@ def test_learn_bpe_writes_the_original_format(tmp_path):
         enc.encode(corpus[:3], False)
 
 
-@real_vocab
 def test_rust_bpe_equals_the_original_bpe_on_every_vocabulary_word(ours):
     assert ours._fast_bpe is not None
     words = [w[:-4] if w.endswith("</w>") else w for w in ours.encoder if w != "\n</w>"]
