@@ -3,13 +3,16 @@ rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
 
 Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
 printable ASCII without '&'), the standardizing rules run as one pass each, spaCy runs in
-batches and hands over hashes instead of Token objects, and BPE runs in Hugging Face
-`tokenizers` (Rust) with the same merges, once per distinct word.
+batches, computes no lexical attributes and hands over hashes instead of Token objects, BPE runs
+in Hugging Face `tokenizers` (Rust) with the same merges, once per distinct word, and large
+inputs are spread over worker processes (docs/speed.md).
 """
 
 import json
+import multiprocessing
 import os
 import re
+import sys
 
 import ftfy
 from spacy.attrs import ORTH
@@ -44,10 +47,16 @@ def get_pairs(word):
 
 
 def english_tokenizer():
-    """spaCy's rule-based English tokenizer: no model download needed."""
+    """spaCy's rule-based English tokenizer: no model download needed.
+
+    Its vocabulary computes no lexical attributes (shape, like_num, ...) for new words: the
+    tokenizer's rules never read them and we keep only the token text, so the tokens are the same.
+    """
     from spacy.lang.en import English
 
-    return English().tokenizer
+    tokenizer = English().tokenizer
+    tokenizer.vocab.lex_attr_getters = {}
+    return tokenizer
 
 
 def spacy_docs(texts, nlp):
@@ -83,6 +92,53 @@ def _resolve(path, alternative):
         if os.path.exists(other):
             return other
     return path
+
+
+# Below this many characters an input is encoded in one process (about 0.2 s of work): starting
+# workers by fork costs tens of milliseconds, by spawn seconds (each re-imports spaCy).
+PARALLEL_MIN_CHARS = {"fork": 250_000, "spawn": 5_000_000}
+
+
+def start_method():
+    """fork where it is the platform's usual safe choice (Linux): workers start in milliseconds
+    and inherit the loaded encoder. spawn elsewhere (macOS, Windows)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def default_workers():
+    """Worker processes for large inputs: the CPUs this process may use, at most 4 (beyond
+    that, gathering the results and the workers' own start-up eat the gain)."""
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpus = os.cpu_count() or 1
+    return max(1, min(4, n_cpus))
+
+
+def contiguous_chunks(texts, n_chunks):
+    """`texts` cut into at most `n_chunks` consecutive slices of about the same number of characters."""
+    total = max(1, sum(len(t) for t in texts))
+    chunks, start, done = [], 0, 0
+    for i, text in enumerate(texts):
+        done += len(text)
+        if len(chunks) < n_chunks - 1 and done * n_chunks >= total * (len(chunks) + 1):
+            chunks.append(texts[start:i + 1])
+            start = i + 1
+    if start < len(texts):
+        chunks.append(texts[start:])
+    return chunks
+
+
+_worker_encoder = None  # the TextEncoder of a worker process (set once by _start_worker)
+
+
+def _start_worker(encoder):
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(texts):
+    return _worker_encoder._encode_here(texts)
 
 
 class VocabularyError(ValueError):
@@ -135,6 +191,7 @@ class TextEncoder:
     def __init__(self, encoder_path, bpe_path):
         encoder_path = _resolve(encoder_path, "vocab.json")
         bpe_path = _resolve(bpe_path, "merges.txt")
+        self.paths = (encoder_path, bpe_path)
         self.encoder = load_encoder(encoder_path)
         self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
         self.bpe_ranks = load_merges(bpe_path)
@@ -198,19 +255,65 @@ class TextEncoder:
             self._ids[orth] = ids
         return ids
 
+    def __getstate__(self):
+        """Pickled as its files plus the entries added since (special tokens): a spawned worker
+        process rebuilds the same encoder instead of receiving spaCy's and Rust's objects."""
+        added = {k: v for k, v in self.encoder.items() if v >= self.n_vocab}
+        return {"paths": self.paths, "added": added}
+
+    def __setstate__(self, state):
+        self.__init__(*state["paths"])
+        self.encoder.update(state["added"])
+
     # -- public API -------------------------------------------------------------------------------
-    def encode(self, texts, verbose=True):
-        """One list of ids per text."""
+    def encode(self, texts, verbose=True, workers=None):
+        """One list of ids per text, in order.
+
+        Inputs of at least PARALLEL_MIN_CHARS characters are spread over `workers` processes
+        (default: `default_workers()`); the ids are the same as in one process. workers=1 never
+        starts a process.
+        """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        n_processes = self._processes_for(texts, workers)
+        if n_processes > 1:
+            return self._encode_in_workers(texts, n_processes, verbose)
+        return self._encode_here(texts, verbose)
+
+    def _encode_here(self, texts, verbose=False):
+        """encode() in this process."""
         out = []
-        token_ids = self._token_ids
+        token_ids, known = self._token_ids, self._ids
         # Whole texts go to spaCy: its special cases can look across spaces ("'rset' 's':").
         for doc in tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
             ids = []
             for orth in doc.to_array(ORTH).tolist():
-                ids.extend(token_ids(orth))
+                ids.extend(known.get(orth) or token_ids(orth))
             out.append(ids)
+        return out
+
+    def _processes_for(self, texts, workers):
+        """How many processes to encode `texts` with: 1 unless the input is large enough for the
+        start-up of worker processes to pay off."""
+        if workers is None:
+            workers = default_workers()
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if workers == 1 or len(texts) < 2:
+            return 1
+        n_chars = sum(len(t) for t in texts)
+        return min(workers, len(texts)) if n_chars >= PARALLEL_MIN_CHARS[start_method()] else 1
+
+    def _encode_in_workers(self, texts, n_processes, verbose):
+        """encode() over `n_processes` worker processes; results are gathered in input order."""
+        chunks = contiguous_chunks(texts, 4 * n_processes)
+        out = []
+        context = multiprocessing.get_context(start_method())
+        with context.Pool(n_processes, initializer=_start_worker, initargs=(self,)) as pool, \
+                tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
+            for ids in pool.imap(_encode_in_worker, chunks):
+                out.extend(ids)
+                progress.update(len(ids))
         return out
 
     def decode(self, ids):
