@@ -1,4 +1,4 @@
-"""The TF code's modified Adam (SPEC §3): global-norm clipping, bias correction in the step size,
+"""The TF code's modified Adam (docs/reference.md §3): global-norm clipping, bias correction in the step size,
 a warm-up schedule, and L2 decay inside the bias-corrected step."""
 
 import math
@@ -27,7 +27,7 @@ SCHEDULES = {
 
 
 class OpenAIAdam(Optimizer):
-    """Adam as in OpenAI's `finetune-transformer-lm` (SPEC §3). One update, with t the step count
+    """Adam as in OpenAI's `finetune-transformer-lm` (docs/reference.md §3). One update, with t the step count
     after its increment:
 
         clip all gradients together to global norm max_grad_norm (if > 0)
@@ -61,7 +61,7 @@ class OpenAIAdam(Optimizer):
         super().__init__(params, defaults)
 
     def step_size(self, group, t):
-        """lrt at step t (SPEC §3, step 2)."""
+        """lrt at step t (docs/reference.md §3, step 2)."""
         schedule = SCHEDULES[group["schedule"]]
         bias_correction = math.sqrt(1 - group["b2"] ** t) / (1 - group["b1"] ** t)
         return group["lr"] * bias_correction * schedule(t / group["t_total"], group["warmup"])
@@ -104,7 +104,7 @@ class OpenAIAdam(Optimizer):
         return loss
 
     def _update(self, group, params, lrt):
-        """Steps 3-4 of SPEC §3 with multi-tensor kernels: no Python loop of small ops per tensor.
+        """Steps 3-4 of docs/reference.md §3 with multi-tensor kernels: no Python loop of small ops per tensor.
 
         p - lrt * (m / (sqrt(v) + e) + l2 * p) is computed as p * (1 - lrt * l2) - lrt * m / (...):
         the same value, in two passes over p and no temporary the size of the model."""

@@ -1,4 +1,4 @@
-"""Text to ids exactly as the original (SPEC §4): ftfy, standardizing, spaCy's English tokenizer
+"""Text to ids exactly as the original (docs/reference.md §4): ftfy, standardizing, spaCy's English tokenizer
 rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
 
 Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
@@ -18,7 +18,7 @@ import ftfy
 from spacy.attrs import ORTH
 from tqdm import tqdm
 
-# SPEC §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
+# docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
 # became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
 PUNCTUATION_RUN = re.compile(r'([-~!";?+,)(/*\[\]}{|_])\1*')
 NEWLINE = re.compile(r"\s*\n\s*")
@@ -29,7 +29,7 @@ FTFY_IDENTITY = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
 def text_standardize(text):
-    """The original's standardizing (SPEC §4 step 2)."""
+    """The original's standardizing (docs/reference.md §4 step 2)."""
     text = text.translate(CHAR_FIXES)
     text = PUNCTUATION_RUN.sub(r" \g<0> ", text)
     if "\n" in text:
@@ -60,12 +60,12 @@ def english_tokenizer():
 
 
 def spacy_docs(texts, nlp):
-    """spaCy Docs of the texts after ftfy and standardizing (SPEC §4 steps 1-3)."""
+    """spaCy Docs of the texts after ftfy and standardizing (docs/reference.md §4 steps 1-3)."""
     return nlp.pipe((text_standardize(fix_text(t)) for t in texts), batch_size=1000)
 
 
 def pre_tokenize(texts, nlp):
-    """spaCy token texts of each text (SPEC §4 steps 1-3)."""
+    """spaCy token texts of each text (docs/reference.md §4 steps 1-3)."""
     for doc in spacy_docs(texts, nlp):
         yield [token.text for token in doc]
 
@@ -186,7 +186,7 @@ def load_merges(path):
 
 
 class TextEncoder:
-    """Encodes texts to the original's BPE ids (SPEC §4) and decodes ids back to text."""
+    """Encodes texts to the original's BPE ids (docs/reference.md §4) and decodes ids back to text."""
 
     def __init__(self, encoder_path, bpe_path):
         encoder_path = _resolve(encoder_path, "vocab.json")
@@ -201,7 +201,7 @@ class TextEncoder:
         self._ids = {}  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
 
-    # -- BPE (SPEC §4 step 4) --------------------------------------------------------------------
+    # -- BPE (docs/reference.md §4 step 4) ---------------------------------------------------------
     def bpe(self, token):
         """Merge the lowest-ranked pair first until no pair is in the merges file."""
         if token in self.cache:

@@ -1,4 +1,4 @@
-"""model_pytorch: parity with `transformers`' OpenAI GPT, the loader (SPEC §1) and the network (SPEC §2)."""
+"""model_pytorch: parity with `transformers`' OpenAI GPT, the loader and the network (docs/reference.md §1-2)."""
 
 import argparse
 import json
@@ -86,7 +86,7 @@ def test_fused_attention_equals_explicit_softmax():
     assert err <= 1e-5
 
 
-def test_explicit_attention_is_the_spec_formula():
+def test_explicit_attention_is_the_tf_formula():
     q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
     w = q @ k.transpose(-1, -2) / np.sqrt(8)
     w = w.masked_fill(~torch.tril(torch.ones(7, 7, dtype=torch.bool)), float("-inf"))

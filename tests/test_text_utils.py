@@ -1,4 +1,4 @@
-"""text_utils: ids identical to the original pipeline (SPEC §4), checked against `transformers` 4.57."""
+"""text_utils: ids identical to the original pipeline (docs/reference.md §4), checked against `transformers` 4.57."""
 
 import json
 import multiprocessing
@@ -48,12 +48,12 @@ def reference():
 
 
 def reference_ids(tokenizer, text):
-    # `_tokenize`, not `tokenize`: the latter lower-cases before spaCy (SPEC §4).
+    # `_tokenize`, not `tokenize`: the latter lower-cases before spaCy (docs/reference.md §4).
     return tokenizer.convert_tokens_to_ids(tokenizer._tokenize(text))
 
 
 def original_standardize(text):
-    """SPEC §4 step 2 as the TF source wrote it: a NON-raw string, so '\\\\+' became '\\+'."""
+    """docs/reference.md §4 step 2 as the TF source wrote it: a NON-raw string, so '\\\\+' became '\\+'."""
     text = text.replace("—", "-").replace("–", "-").replace("―", "-").replace("…", "...").replace("´", "'")
     # The TF source has `\\+` in a non-raw string: the regex engine receives `\+`, a second "+" rule.
     pattern = '(-+|~+|!+|"+|;+|\\?+|\\++|,+|\\)+|\\(+|\\++|\\/+|\\*+|\\[+|\\]+|}+|{+|\\|+|_+)'
