@@ -8,11 +8,13 @@ in Hugging Face `tokenizers` (Rust) with the same merges, once per distinct word
 inputs are spread over worker processes (docs/speed.md).
 """
 
+import gc
 import json
 import multiprocessing
 import os
 import re
 import sys
+from itertools import chain
 
 import ftfy
 from spacy.attrs import ORTH
@@ -141,6 +143,18 @@ def _encode_in_worker(texts):
     return _worker_encoder._encode_here(texts)
 
 
+class ComputedOnce(dict):
+    """A dict that fills a missing key with compute(key): look-ups stay in C for known keys."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, key):
+        value = self[key] = self.compute(key)
+        return value
+
+
 class VocabularyError(ValueError):
     """A vocabulary file is missing or malformed."""
 
@@ -198,7 +212,7 @@ class TextEncoder:
         self.nlp = english_tokenizer()
         self._fast_bpe = fast_bpe_model(self.encoder, self.bpe_ranks)
         self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
-        self._ids = {}  # spaCy token (its ORTH hash) -> ids
+        self._ids = ComputedOnce(self._token_ids)  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
 
     # -- BPE (docs/reference.md §4 step 4) ---------------------------------------------------------
@@ -244,16 +258,11 @@ class TextEncoder:
 
     def _token_ids(self, orth):
         """Ids of one spaCy token, given by its ORTH hash (no Token object is built)."""
-        ids = self._ids.get(orth)
-        if ids is None:
-            word = self.nlp.vocab.strings[orth].lower()
-            if self._fast_bpe is not None and not any(c.isspace() for c in word):
-                ids = [t.id for t in self._fast_bpe.tokenize(word)]
-            else:  # whitespace tokens keep the original's exact (quirky) handling
-                get = self.encoder.get
-                ids = [get(piece, 0) for piece in self.bpe(word).split(" ")]
-            self._ids[orth] = ids
-        return ids
+        word = self.nlp.vocab.strings[orth].lower()
+        if self._fast_bpe is not None and not any(c.isspace() for c in word):
+            return [t.id for t in self._fast_bpe.tokenize(word)]
+        get = self.encoder.get  # whitespace tokens keep the original's exact (quirky) handling
+        return [get(piece, 0) for piece in self.bpe(word).split(" ")]
 
     def __getstate__(self):
         """Pickled as its files plus the entries added since (special tokens): a spawned worker
@@ -271,7 +280,8 @@ class TextEncoder:
 
         Inputs of at least PARALLEL_MIN_CHARS characters are spread over `workers` processes
         (default: `default_workers()`); the ids are the same as in one process. workers=1 never
-        starts a process.
+        starts a process. Where workers are spawned (not Linux), call this under
+        `if __name__ == "__main__":`, as multiprocessing requires.
         """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
@@ -282,15 +292,10 @@ class TextEncoder:
 
     def _encode_here(self, texts, verbose=False):
         """encode() in this process."""
-        out = []
-        token_ids, known = self._token_ids, self._ids
+        ids_of = self._ids.__getitem__
         # Whole texts go to spaCy: its special cases can look across spaces ("'rset' 's':").
-        for doc in tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
-            ids = []
-            for orth in doc.to_array(ORTH).tolist():
-                ids.extend(known.get(orth) or token_ids(orth))
-            out.append(ids)
-        return out
+        docs = tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose)
+        return [list(chain.from_iterable(map(ids_of, doc.to_array(ORTH).tolist()))) for doc in docs]
 
     def _processes_for(self, texts, workers):
         """How many processes to encode `texts` with: 1 unless the input is large enough for the
@@ -309,8 +314,12 @@ class TextEncoder:
         chunks = contiguous_chunks(texts, 4 * n_processes)
         out = []
         context = multiprocessing.get_context(start_method())
-        with context.Pool(n_processes, initializer=_start_worker, initargs=(self,)) as pool, \
-                tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
+        gc.freeze()  # forked workers' garbage collector then skips (and does not copy) the parent's objects
+        try:
+            pool = context.Pool(n_processes, initializer=_start_worker, initargs=(self,))
+        finally:
+            gc.unfreeze()
+        with pool, tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
             for ids in pool.imap(_encode_in_worker, chunks):
                 out.extend(ids)
                 progress.update(len(ids))
