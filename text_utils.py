@@ -96,9 +96,10 @@ def _resolve(path, alternative):
     return path
 
 
-# Below this many characters an input is encoded in one process (about 0.2 s of work): starting
-# workers by fork costs tens of milliseconds, by spawn seconds (each re-imports spaCy).
-PARALLEL_MIN_CHARS = {"fork": 250_000, "spawn": 5_000_000}
+# Below this many characters (fork: about 1-2 s of work in one process) an input is encoded in one
+# process. Workers cost their start-up (fork: ~50 ms; spawn: 2-3 s each, as each re-imports spaCy)
+# and warm their own caches (about a fifth more work in all); small inputs would lose.
+PARALLEL_MIN_CHARS = {"fork": 2_000_000, "spawn": 10_000_000}
 
 
 def start_method():
