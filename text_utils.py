@@ -315,15 +315,17 @@ class TextEncoder:
         chunks = contiguous_chunks(texts, 4 * n_processes)
         out = []
         context = multiprocessing.get_context(start_method())
-        gc.freeze()  # forked workers' garbage collector then skips (and does not copy) the parent's objects
+        # While the workers live, no garbage collection walks the objects they share with this
+        # process: walking them would copy every memory page of the parent, in the workers and here.
+        gc.freeze()
         try:
-            pool = context.Pool(n_processes, initializer=_start_worker, initargs=(self,))
+            with context.Pool(n_processes, initializer=_start_worker, initargs=(self,)) as pool, \
+                    tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
+                for ids in pool.imap(_encode_in_worker, chunks):
+                    out.extend(ids)
+                    progress.update(len(ids))
         finally:
             gc.unfreeze()
-        with pool, tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
-            for ids in pool.imap(_encode_in_worker, chunks):
-                out.extend(ids)
-                progress.update(len(ids))
         return out
 
     def decode(self, ids):
