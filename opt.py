@@ -1,5 +1,5 @@
-"""The TF code's modified Adam (docs/reference.md §3): global-norm clipping, bias correction in the step size,
-a warm-up schedule, and L2 decay inside the bias-corrected step."""
+"""The TF code's modified Adam (docs/reference.md §3): global-norm clipping, bias correction in the
+step size, a warm-up schedule, and L2 decay inside the bias-corrected step."""
 
 import math
 
@@ -27,8 +27,8 @@ SCHEDULES = {
 
 
 class OpenAIAdam(Optimizer):
-    """Adam as in OpenAI's `finetune-transformer-lm` (docs/reference.md §3). One update, with t the step count
-    after its increment:
+    """Adam as in OpenAI's `finetune-transformer-lm` (docs/reference.md §3). One update, with t the
+    step count after its increment:
 
         clip all gradients together to global norm max_grad_norm (if > 0)
         lrt = lr * sqrt(1 - b2^t) / (1 - b1^t) * schedule(t / t_total, warmup)
@@ -104,7 +104,8 @@ class OpenAIAdam(Optimizer):
         return loss
 
     def _update(self, group, params, lrt):
-        """Steps 3-4 of docs/reference.md §3 with multi-tensor kernels: no Python loop of small ops per tensor.
+        """Steps 3-4 of docs/reference.md §3 with multi-tensor kernels: no Python loop of small ops
+        per tensor.
 
         p - lrt * (m / (sqrt(v) + e) + l2 * p) is computed as p * (1 - lrt * l2) - lrt * m / (...):
         the same value, in two passes over p and no temporary the size of the model."""

@@ -1,5 +1,5 @@
-"""Text to ids exactly as the original (docs/reference.md §4): ftfy, standardizing, spaCy's English tokenizer
-rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
+"""Text to ids exactly as the original (docs/reference.md §4): ftfy, standardizing, spaCy's
+English tokenizer rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
 
 Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
 printable ASCII without '&'), the standardizing rules run as one pass each, spaCy runs in
@@ -20,8 +20,8 @@ import ftfy
 from spacy.attrs import ORTH
 from tqdm import tqdm
 
-# docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
-# became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
+# docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash
+# alternative became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
 PUNCTUATION_RUN = re.compile(r'([-~!";?+,)(/*\[\]}{|_])\1*')
 NEWLINE = re.compile(r"\s*\n\s*")
 BLANKS = re.compile(r"[^\S\n]+")
