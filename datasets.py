@@ -1,12 +1,16 @@
-"""Data sets (SPEC §5): ROCStories Story Cloze with the original's files, split and labels, and
-loaders for a user's own CSV files.
+"""Data sets (docs/reference.md §5): ROCStories Story Cloze with the original's files, split and
+labels, and loaders for a user's own CSV files.
 
 CSV files are read with a real CSV reader: UTF-8 with or without a byte-order mark, quoted fields
-holding commas, quotes or newlines, and CRLF line ends. Errors name the file and line.
+holding commas, quotes or newlines, and CRLF line ends. Errors name the file and line; every
+reader gets its text from `read_text`, which names the line and column of a byte that is not UTF-8.
 """
 
+import codecs
 import csv
+import io
 import os
+import re
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -23,24 +27,52 @@ class DataError(ValueError):
     """A data file is missing or malformed."""
 
 
-def read_csv_rows(path):
-    """(line number, row) for each non-blank row after the header, and the header."""
+def read_text(path):
+    """The text of a UTF-8 data file (a byte-order mark is dropped, line ends are kept as they are).
+
+    A byte that is not UTF-8 gives a DataError naming its line and column, as other data errors
+    do; every reader of a data file should get its text here.
+    """
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = _trim(next(reader, None) or [])
-            if not header:
-                raise DataError(f"{path}: the file is empty; expected a header row")
-            rows = []
-            line_no = reader.line_num + 1
-            for row in reader:
-                if any(cell.strip() for cell in row):
-                    rows.append((line_no, row))
-                line_no = reader.line_num + 1
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+        raise DataError(undecodable_message(path, data, err)) from None
+
+
+LINE_END = re.compile(rb"\r\n|\r|\n")  # the line ends the csv module counts
+
+
+def undecodable_message(path, data, err):
+    """'FILE, line L, column C: not UTF-8 text (byte 0xNN ...)' for the first bad byte of `data`."""
+    line_ends = list(LINE_END.finditer(data, 0, err.start))
+    line_start = line_ends[-1].end() if line_ends else 0
+    column = len(data[line_start:err.start].decode("utf-8")) + 1  # characters, all valid before err.start
+    return (f"{path}, line {len(line_ends) + 1}, column {column}: not UTF-8 text (byte 0x{data[err.start]:02x}: "
+            f"{err.reason}); save the file as UTF-8")
+
+
+def read_csv_rows(path, **reader_options):
+    """(line number, row) for each non-blank row after the header, and the header.
+
+    `reader_options` go to `csv.reader` (e.g. delimiter="\\t" for a TSV file).
+    """
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), **reader_options)
+    try:
+        header = _trim(next(reader, None) or [])
+        if not header:
+            raise DataError(f"{path}: the file is empty; expected a header row")
+        rows = []
+        line_no = reader.line_num + 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                rows.append((line_no, row))
+            line_no = reader.line_num + 1
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: {err}") from None
     return header, rows

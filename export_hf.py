@@ -5,7 +5,7 @@ logits (what cannot be carried over is listed in docs/export.md).
     python export_hf.py --model_path save/rocstories/best_params.safetensors --out hf_model/
     python export_hf.py --model_path model/ --out hf_model/        (pre-trained weights, LM only)
 
-Layout: our one embedding matrix holds token, special and position rows (SPEC §1). Hugging Face's
+Layout: our one embedding matrix holds token, special and position rows (docs/reference.md §1). Hugging Face's
 `tokens_embed` gets the token rows followed by the special rows (as its `resize_token_embeddings`
 would), `positions_embed` the position rows; the special tokens become added tokens of the
 tokenizer with the same ids.
@@ -89,7 +89,7 @@ def write_tokenizer(text_encoder, special_names, out_dir, n_ctx):
     merges = sorted(text_encoder.bpe_ranks, key=text_encoder.bpe_ranks.get)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    unknown = base[0][1]  # id 0, what an unknown piece becomes (SPEC §4)
+    unknown = base[0][1]  # id 0, what an unknown piece becomes (docs/reference.md §4)
     specials = {name: n_vocab + k for k, name in enumerate(special_names)}
     added = {str(i): dict(content=name, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
              for name, i in specials.items()}

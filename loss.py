@@ -1,4 +1,4 @@
-"""Training objectives (SPEC §2): mean task loss + lm_coef * mean LM loss, as the TF code.
+"""Training objectives (docs/reference.md §2): mean task loss + lm_coef * mean LM loss, as the TF code.
 
 Each compute object keeps the earlier port's call signature
 `(X, Y, M, clf_logits, lm_logits=None, only_return_losses=False)`. With `opt`, a call also runs

@@ -1,8 +1,9 @@
-"""GPT-1 in PyTorch, faithful to OpenAI's TensorFlow `finetune-transformer-lm` (SPEC §1-2).
+"""GPT-1 in PyTorch, faithful to OpenAI's TensorFlow `finetune-transformer-lm` (docs/reference.md §1-2).
 
 Module and parameter names follow the TF variables (`h.0.attn.c_attn.w`, `ln_1.g`, ...) and the
-state-dict keys of the earlier PyTorch port, so its checkpoints load. The SPEC section each part
-implements is named in its docstring.
+state-dict keys of the earlier PyTorch port, so its checkpoints load. The section of
+docs/reference.md each part implements is named in its docstring; docs/speed.md says why the
+speed-ups (PaddingLayout, LMHead's mask) leave the results unchanged.
 """
 
 import json
@@ -42,7 +43,7 @@ class GPTConfig:
     resid_pdrop: float = 0.1
     clf_pdrop: float = 0.1
     afn: str = "gelu"
-    fused_attention: bool = True  # PyTorch's scaled_dot_product_attention; False = SPEC's explicit form
+    fused_attention: bool = True  # scaled_dot_product_attention; False: the explicit form (docs/reference.md §2)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -88,7 +89,7 @@ DEFAULT_CONFIG = GPTConfig()
 
 
 # ---------------------------------------------------------------------------------------------
-# The network (SPEC §2)
+# The network (docs/reference.md §2)
 # ---------------------------------------------------------------------------------------------
 
 class LayerNorm(nn.Module):
@@ -121,7 +122,7 @@ class Conv1D(nn.Module):
 
 
 def explicit_causal_attention(q, k, v, attn_dropout):
-    """SPEC §2 written out: q·k/sqrt(d), w*b - 1e9*(1-b), softmax, dropout, ·v."""
+    """docs/reference.md §2 written out: q·k/sqrt(d), w*b - 1e9*(1-b), softmax, dropout, ·v."""
     w = q @ k.transpose(-2, -1) / math.sqrt(v.size(-1))
     n = w.size(-1)
     b = torch.tril(torch.ones(n, n, dtype=w.dtype, device=w.device))
@@ -304,7 +305,7 @@ class BatchPlan:
 
 
 class TransformerModel(nn.Module):
-    """The GPT-1 body. One embedding matrix `we` holds token, special and position rows (SPEC §1).
+    """The GPT-1 body. One embedding matrix `we` holds token, special and position rows (docs/reference.md §1).
 
     Input x: ids of shape [..., T, 2], [..., 0] the token and [..., 1] the position row.
     Returns hidden states of shape [N, T, n_embd] with N the product of the leading axes.
@@ -324,7 +325,7 @@ class TransformerModel(nn.Module):
         self.h = nn.ModuleList([Block(n_ctx, cfg, scale=True) for _ in range(cfg.n_layer)])
 
     def embedding_matrix(self):
-        """`we` with embedding dropout applied to the whole matrix, one mask per call (SPEC §2).
+        """`we` with embedding dropout applied to the whole matrix, one mask per call (docs/reference.md §2).
 
         The same dropped matrix must serve the input look-up and the tied LM head.
         """
@@ -388,7 +389,7 @@ class LMHead(nn.Module):
 
 
 def pool_classify_states(h, x, clf_token, plan=None):
-    """Hidden state at the FIRST `clf_token` of each sequence, shape [N, n_embd] (SPEC §2).
+    """Hidden state at the FIRST `clf_token` of each sequence, shape [N, n_embd] (docs/reference.md §2).
 
     With a `plan` the positions come from the host (no device sync)."""
     if plan is not None:
@@ -519,7 +520,7 @@ class LMModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pre-trained weights (SPEC §1)
+# Pre-trained weights (docs/reference.md §1)
 # ---------------------------------------------------------------------------------------------
 
 class WeightsError(ValueError):
@@ -616,7 +617,7 @@ def _fill_special_rows(body, n_vocab, n_special, special_rows=None):
 @torch.no_grad()
 def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n_embd=768,
                                  path="./model/", path_names=None, verbose=False, special_rows=None):
-    """Load OpenAI's released weights into `model` (SPEC §1), in place.
+    """Load OpenAI's released weights into `model` (docs/reference.md §1), in place.
 
     `path` holds either OpenAI's shards (params_shapes.json, params_0.npy ... params_9.npy) or the
     same weights in Hugging Face format (config.json + model.safetensors or pytorch_model.bin).
@@ -916,7 +917,7 @@ class KVCache:
 
 
 def cached_block(block, x, cache, layer, pos):
-    """One post-norm block (SPEC §2) on new positions only, their keys and values added to `cache`."""
+    """One post-norm block (docs/reference.md §2) on new positions only, their keys and values added to `cache`."""
     attn = block.attn
     B, T, C = x.shape
     q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
@@ -1157,7 +1158,7 @@ def _load_part(module, state, source, prefix):
 
 
 def model_from_pretrained(path, n_head=None):
-    """An LMModel holding pre-trained weights (OpenAI shards or Hugging Face format, SPEC §1) with
+    """An LMModel holding pre-trained weights (OpenAI shards or Hugging Face format, docs/reference.md §1) with
     every position row and no special rows: its n_ctx is the position table's length."""
     if weights_format(path) == "openai":
         with open(os.path.join(path, "params_shapes.json")) as f:

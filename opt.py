@@ -1,5 +1,5 @@
-"""The TF code's modified Adam (SPEC §3): global-norm clipping, bias correction in the step size,
-a warm-up schedule, and L2 decay inside the bias-corrected step."""
+"""The TF code's modified Adam (docs/reference.md §3): global-norm clipping, bias correction in the
+step size, a warm-up schedule, and L2 decay inside the bias-corrected step."""
 
 import math
 
@@ -27,8 +27,8 @@ SCHEDULES = {
 
 
 class OpenAIAdam(Optimizer):
-    """Adam as in OpenAI's `finetune-transformer-lm` (SPEC §3). One update, with t the step count
-    after its increment:
+    """Adam as in OpenAI's `finetune-transformer-lm` (docs/reference.md §3). One update, with t the
+    step count after its increment:
 
         clip all gradients together to global norm max_grad_norm (if > 0)
         lrt = lr * sqrt(1 - b2^t) / (1 - b1^t) * schedule(t / t_total, warmup)
@@ -62,7 +62,7 @@ class OpenAIAdam(Optimizer):
         self.fused = _fused_available() if fused is None else fused
 
     def step_size(self, group, t):
-        """lrt at step t (SPEC §3, step 2)."""
+        """lrt at step t (docs/reference.md §3, step 2)."""
         schedule = SCHEDULES[group["schedule"]]
         bias_correction = math.sqrt(1 - group["b2"] ** t) / (1 - group["b1"] ** t)
         return group["lr"] * bias_correction * schedule(t / group["t_total"], group["warmup"])
@@ -115,7 +115,8 @@ class OpenAIAdam(Optimizer):
         return loss
 
     def _update(self, group, params, lrt):
-        """Steps 3-4 of SPEC §3 with multi-tensor kernels: no Python loop of small ops per tensor.
+        """Steps 3-4 of docs/reference.md §3 with multi-tensor kernels: no Python loop of small ops
+        per tensor.
 
         p - lrt * (m / (sqrt(v) + e) + l2 * p) is computed as p * (1 - lrt * l2) - lrt * m / (...):
         the same value, in two passes over p and no temporary the size of the model."""
@@ -140,7 +141,7 @@ class OpenAIAdam(Optimizer):
 
         The kernel computes p * (1 - lr_k wd_k) - lr_k / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + e_k).
         With lr_k = lr * schedule, e_k = e / sqrt(1 - b2^t) and wd_k = lrt * l2 / lr_k this is
-        p * (1 - lrt l2) - lrt * m / (sqrt(v) + e): SPEC §3 exactly, up to rounding."""
+        p * (1 - lrt l2) - lrt * m / (sqrt(v) + e): docs/reference.md §3 exactly, up to rounding."""
         divisor = self._clip_divisor()
         for group in self.param_groups:
             group["step"] += 1

@@ -1,4 +1,5 @@
-"""Random "pre-trained" weights in OpenAI's exact shard format (SPEC §1), and in Hugging Face format.
+"""Random "pre-trained" weights in OpenAI's exact shard format (docs/reference.md §1), and in
+Hugging Face format.
 
 The real weights are not needed to exercise the loader: tests and the demo write these instead.
 """

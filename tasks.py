@@ -88,12 +88,9 @@ class Split:
 
 
 def read_text(path):
-    """A file's text: UTF-8, a leading byte-order mark removed. Every reader decodes here."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    """A file's text: UTF-8, a leading byte-order mark removed; a byte that is not UTF-8 is reported
+    with its line and column (datasets.read_text). Every reader decodes here."""
+    return datasets.read_text(path)
 
 
 def read_tsv(path):

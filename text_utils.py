@@ -1,22 +1,27 @@
-"""Text to ids exactly as the original (SPEC §4): ftfy, standardizing, spaCy's English tokenizer
-rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
+"""Text to ids exactly as the original (docs/reference.md §4): ftfy, standardizing, spaCy's
+English tokenizer rules, lower-casing, then BPE with "</w>"; plus `decode` and a BPE learner.
 
 Speed without changing a single id: ftfy is skipped for texts it provably leaves alone (plain
 printable ASCII without '&'), the standardizing rules run as one pass each, spaCy runs in
-batches and hands over hashes instead of Token objects, and BPE runs in Hugging Face
-`tokenizers` (Rust) with the same merges, once per distinct word.
+batches, computes no lexical attributes and hands over hashes instead of Token objects, BPE runs
+in Hugging Face `tokenizers` (Rust) with the same merges, once per distinct word, and large
+inputs are spread over worker processes (docs/speed.md).
 """
 
+import gc
 import json
+import multiprocessing
 import os
 import re
+import sys
+from itertools import chain
 
 import ftfy
 from spacy.attrs import ORTH
 from tqdm import tqdm
 
-# SPEC §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash alternative
-# became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
+# docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash
+# alternative became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
 PUNCTUATION_RUN = re.compile(r'([-~!";?+,)(/*\[\]}{|_])\1*')
 NEWLINE = re.compile(r"\s*\n\s*")
 BLANKS = re.compile(r"[^\S\n]+")
@@ -26,7 +31,7 @@ FTFY_IDENTITY = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
 def text_standardize(text):
-    """The original's standardizing (SPEC §4 step 2)."""
+    """The original's standardizing (docs/reference.md §4 step 2)."""
     text = text.translate(CHAR_FIXES)
     text = PUNCTUATION_RUN.sub(r" \g<0> ", text)
     if "\n" in text:
@@ -44,19 +49,25 @@ def get_pairs(word):
 
 
 def english_tokenizer():
-    """spaCy's rule-based English tokenizer: no model download needed."""
+    """spaCy's rule-based English tokenizer: no model download needed.
+
+    Its vocabulary computes no lexical attributes (shape, like_num, ...) for new words: the
+    tokenizer's rules never read them and we keep only the token text, so the tokens are the same.
+    """
     from spacy.lang.en import English
 
-    return English().tokenizer
+    tokenizer = English().tokenizer
+    tokenizer.vocab.lex_attr_getters = {}
+    return tokenizer
 
 
 def spacy_docs(texts, nlp):
-    """spaCy Docs of the texts after ftfy and standardizing (SPEC §4 steps 1-3)."""
+    """spaCy Docs of the texts after ftfy and standardizing (docs/reference.md §4 steps 1-3)."""
     return nlp.pipe((text_standardize(fix_text(t)) for t in texts), batch_size=1000)
 
 
 def pre_tokenize(texts, nlp):
-    """spaCy token texts of each text (SPEC §4 steps 1-3)."""
+    """spaCy token texts of each text (docs/reference.md §4 steps 1-3)."""
     for doc in spacy_docs(texts, nlp):
         yield [token.text for token in doc]
 
@@ -83,6 +94,66 @@ def _resolve(path, alternative):
         if os.path.exists(other):
             return other
     return path
+
+
+# Below this many characters (fork: about 1-2 s of work in one process) an input is encoded in one
+# process. Workers cost their start-up (fork: ~50 ms; spawn: 2-3 s each, as each re-imports spaCy)
+# and warm their own caches (about a fifth more work in all); small inputs would lose.
+PARALLEL_MIN_CHARS = {"fork": 2_000_000, "spawn": 10_000_000}
+
+
+def start_method():
+    """fork where it is the platform's usual safe choice (Linux): workers start in milliseconds
+    and inherit the loaded encoder. spawn elsewhere (macOS, Windows)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+def default_workers():
+    """Worker processes for large inputs: the CPUs this process may use, at most 4 (beyond
+    that, gathering the results and the workers' own start-up eat the gain)."""
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpus = os.cpu_count() or 1
+    return max(1, min(4, n_cpus))
+
+
+def contiguous_chunks(texts, n_chunks):
+    """`texts` cut into at most `n_chunks` consecutive slices of about the same number of characters."""
+    total = max(1, sum(len(t) for t in texts))
+    chunks, start, done = [], 0, 0
+    for i, text in enumerate(texts):
+        done += len(text)
+        if len(chunks) < n_chunks - 1 and done * n_chunks >= total * (len(chunks) + 1):
+            chunks.append(texts[start:i + 1])
+            start = i + 1
+    if start < len(texts):
+        chunks.append(texts[start:])
+    return chunks
+
+
+_worker_encoder = None  # the TextEncoder of a worker process (set once by _start_worker)
+
+
+def _start_worker(encoder):
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(texts):
+    return _worker_encoder._encode_here(texts)
+
+
+class ComputedOnce(dict):
+    """A dict that fills a missing key with compute(key): look-ups stay in C for known keys."""
+
+    def __init__(self, compute):
+        super().__init__()
+        self.compute = compute
+
+    def __missing__(self, key):
+        value = self[key] = self.compute(key)
+        return value
 
 
 class VocabularyError(ValueError):
@@ -130,21 +201,22 @@ def load_merges(path):
 
 
 class TextEncoder:
-    """Encodes texts to the original's BPE ids (SPEC §4) and decodes ids back to text."""
+    """Encodes texts to the original's BPE ids (docs/reference.md §4) and decodes ids back to text."""
 
     def __init__(self, encoder_path, bpe_path):
         encoder_path = _resolve(encoder_path, "vocab.json")
         bpe_path = _resolve(bpe_path, "merges.txt")
+        self.paths = (encoder_path, bpe_path)
         self.encoder = load_encoder(encoder_path)
         self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
         self.bpe_ranks = load_merges(bpe_path)
         self.nlp = english_tokenizer()
         self._fast_bpe = fast_bpe_model(self.encoder, self.bpe_ranks)
         self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
-        self._ids = {}  # spaCy token (its ORTH hash) -> ids
+        self._ids = ComputedOnce(self._token_ids)  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
 
-    # -- BPE (SPEC §4 step 4) --------------------------------------------------------------------
+    # -- BPE (docs/reference.md §4 step 4) ---------------------------------------------------------
     def bpe(self, token):
         """Merge the lowest-ranked pair first until no pair is in the merges file."""
         if token in self.cache:
@@ -187,30 +259,73 @@ class TextEncoder:
 
     def _token_ids(self, orth):
         """Ids of one spaCy token, given by its ORTH hash (no Token object is built)."""
-        ids = self._ids.get(orth)
-        if ids is None:
-            word = self.nlp.vocab.strings[orth].lower()
-            if self._fast_bpe is not None and not any(c.isspace() for c in word):
-                ids = [t.id for t in self._fast_bpe.tokenize(word)]
-            else:  # whitespace tokens keep the original's exact (quirky) handling
-                get = self.encoder.get
-                ids = [get(piece, 0) for piece in self.bpe(word).split(" ")]
-            self._ids[orth] = ids
-        return ids
+        word = self.nlp.vocab.strings[orth].lower()
+        if self._fast_bpe is not None and not any(c.isspace() for c in word):
+            return [t.id for t in self._fast_bpe.tokenize(word)]
+        get = self.encoder.get  # whitespace tokens keep the original's exact (quirky) handling
+        return [get(piece, 0) for piece in self.bpe(word).split(" ")]
+
+    def __getstate__(self):
+        """Pickled as its files plus the entries added since (special tokens): a spawned worker
+        process rebuilds the same encoder instead of receiving spaCy's and Rust's objects."""
+        added = {k: v for k, v in self.encoder.items() if v >= self.n_vocab}
+        return {"paths": self.paths, "added": added}
+
+    def __setstate__(self, state):
+        self.__init__(*state["paths"])
+        self.encoder.update(state["added"])
 
     # -- public API -------------------------------------------------------------------------------
-    def encode(self, texts, verbose=True):
-        """One list of ids per text."""
+    def encode(self, texts, verbose=True, workers=None):
+        """One list of ids per text, in order.
+
+        Inputs of at least PARALLEL_MIN_CHARS characters are spread over `workers` processes
+        (default: `default_workers()`); the ids are the same as in one process. workers=1 never
+        starts a process. Where workers are spawned (not Linux), call this under
+        `if __name__ == "__main__":`, as multiprocessing requires.
+        """
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
-        out = []
-        token_ids = self._token_ids
+        n_processes = self._processes_for(texts, workers)
+        if n_processes > 1:
+            return self._encode_in_workers(texts, n_processes, verbose)
+        return self._encode_here(texts, verbose)
+
+    def _encode_here(self, texts, verbose=False):
+        """encode() in this process."""
+        ids_of = self._ids.__getitem__
         # Whole texts go to spaCy: its special cases can look across spaces ("'rset' 's':").
-        for doc in tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose):
-            ids = []
-            for orth in doc.to_array(ORTH).tolist():
-                ids.extend(token_ids(orth))
-            out.append(ids)
+        docs = tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose)
+        return [list(chain.from_iterable(map(ids_of, doc.to_array(ORTH).tolist()))) for doc in docs]
+
+    def _processes_for(self, texts, workers):
+        """How many processes to encode `texts` with: 1 unless the input is large enough for the
+        start-up of worker processes to pay off."""
+        if workers is None:
+            workers = default_workers()
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if workers == 1 or len(texts) < 2:
+            return 1
+        n_chars = sum(len(t) for t in texts)
+        return min(workers, len(texts)) if n_chars >= PARALLEL_MIN_CHARS[start_method()] else 1
+
+    def _encode_in_workers(self, texts, n_processes, verbose):
+        """encode() over `n_processes` worker processes; results are gathered in input order."""
+        chunks = contiguous_chunks(texts, 4 * n_processes)
+        out = []
+        context = multiprocessing.get_context(start_method())
+        # While the workers live, no garbage collection walks the objects they share with this
+        # process: walking them would copy every memory page of the parent, in the workers and here.
+        gc.freeze()
+        try:
+            with context.Pool(n_processes, initializer=_start_worker, initargs=(self,)) as pool, \
+                    tqdm(total=len(texts), ncols=80, leave=False, disable=not verbose) as progress:
+                for ids in pool.imap(_encode_in_worker, chunks):
+                    out.extend(ids)
+                    progress.update(len(ids))
+        finally:
+            gc.unfreeze()
         return out
 
     def decode(self, ids):

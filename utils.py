@@ -9,23 +9,24 @@ import numpy as np
 from tqdm import tqdm
 
 
-def encode_dataset(*splits, encoder):
+def encode_dataset(*splits, encoder, workers=None):
     """Encode every field of every split that holds texts; other fields (labels) pass through.
 
     Called as the original: `encode_dataset(*[(trX1, trX2, trX3, trY), ...], encoder=text_encoder)`
     or with the splits in one tuple, `encode_dataset((train, valid, test), encoder=...)`.
+    All texts go to the encoder in one call, so a large data set is spread over its worker
+    processes at once; `workers` is passed on to `encoder.encode` when given.
     """
     if len(splits) == 1 and isinstance(splits[0], (list, tuple)) and splits[0] and isinstance(splits[0][0], tuple):
         splits = splits[0]
-    encoded = []
-    for split in splits:
-        fields = []
-        for field in split:
-            if len(field) and isinstance(field[0], str):
-                field = encoder.encode(field, verbose=False)
-            fields.append(field)
-        encoded.append(fields)
-    return encoded
+    texts = [text for split in splits for field in split if _holds_texts(field) for text in field]
+    options = {} if workers is None else {"workers": workers}
+    ids = iter(encoder.encode(texts, verbose=False, **options) if texts else [])
+    return [[[next(ids) for _ in field] if _holds_texts(field) else field for field in split] for split in splits]
+
+
+def _holds_texts(field):
+    return len(field) > 0 and isinstance(field[0], str)
 
 
 def stsb_label_encoding(labels, nclass=6):

@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.corpus import english_texts  # noqa: E402
+from bench.corpus import FORTUNES, english_texts, fortune_texts  # noqa: E402
 from datasets import synthetic_story  # noqa: E402
 from loss import MultipleChoiceLossCompute  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
@@ -348,17 +348,19 @@ def bench_optimizer(size, repeats):
 
 
 def bench_encode(repeats, n_stories):
-    """Issues 3 and 6: encoding throughput on one corpus, a fresh encoder (cold caches) each run,
-    built outside the timed part."""
-    shared = os.path.join(os.path.dirname(ROOT), "shared", "openai-gpt")
-    enc_path, bpe_path = os.path.join(shared, "encoder_bpe_40000.json"), os.path.join(shared, "vocab_40000.bpe")
-    if not os.path.exists(enc_path):
-        print("encode: ../shared/openai-gpt is absent, skipped")
-        return
+    """Issues 3, 6 and 12: encoding throughput on each corpus, a fresh encoder (cold caches) each
+    run, built outside the timed part, with OpenAI's vocabulary shipped in model/."""
+    enc_path = os.path.join(ROOT, "model", "encoder_bpe_40000.json")
+    bpe_path = os.path.join(ROOT, "model", "vocab_40000.bpe")
     rng = __import__("random").Random(0)
     stories = [synthetic_story(rng) for _ in range(n_stories)]
     corpora = {"docs": english_texts(),
                "docs+stories": english_texts() + [t for s, e1, e2, _ in stories for t in (" ".join(s), e1, e2)]}
+    fortunes = fortune_texts()
+    if fortunes:
+        corpora["fortunes"] = fortunes
+    else:
+        print(f"encode fortunes: {FORTUNES} is absent (apt-get install fortunes), skipped")
     for name, texts in corpora.items():
         bench_encode_corpus(f"encode {name}", texts, repeats, enc_path, bpe_path)
 
@@ -366,22 +368,32 @@ def bench_encode(repeats, n_stories):
 def bench_encode_corpus(section, texts, repeats, enc_path, bpe_path):
     import transformers
 
-    from text_utils import TextEncoder
+    from text_utils import PARALLEL_MIN_CHARS, TextEncoder, default_workers, start_method
 
-    n_tokens = sum(len(x) for x in TextEncoder(enc_path, bpe_path).encode(texts, verbose=False))
-    ours_pool = [TextEncoder(enc_path, bpe_path) for _ in range(repeats + 1)]
+    ours_pool = [TextEncoder(enc_path, bpe_path) for _ in range(2 * repeats + 2)]
     ref_pool = [transformers.OpenAIGPTTokenizer(enc_path, bpe_path) for _ in range(repeats + 1)]
+    ids = {}
 
-    def ours():
-        ours_pool.pop().encode(texts, verbose=False)
+    def ours(workers=None):
+        ids[workers] = ours_pool.pop().encode(texts, verbose=False, workers=workers)
 
     def reference():
         tok = ref_pool.pop()
-        [tok.convert_tokens_to_ids(tok._tokenize(t)) for t in texts]
+        ids["reference"] = [tok.convert_tokens_to_ids(tok._tokenize(t)) for t in texts]
 
-    compare(section, "texts/s", {"ours": ours, "transformers 4.57 slow tokenizer": reference}, repeats,
-            work=len(texts), note=f"({len(texts)} texts, {n_tokens} tokens)")
+    compare(section, "texts/s", {"ours": ours, "transformers 4.57 slow tokenizer": reference,
+                                 "ours, 1 process": lambda: ours(workers=1)}, repeats, work=len(texts))
+    if ids[None] != ids[1]:
+        raise AssertionError(f"{section}: the ids of {default_workers()} workers differ from those of 1 process")
+    # The reference pads backslashes, the TF code does not (docs/reference.md §4): compare the rest.
+    same = [a == b for t, a, b in zip(texts, ids[None], ids["reference"]) if "\\" not in t]
+    n_tokens, n_chars = sum(len(x) for x in ids[None]), sum(len(t) for t in texts)
+    threshold = PARALLEL_MIN_CHARS[start_method()]
+    processes = f"{default_workers()} worker processes" if n_chars >= threshold else f"1 process (< {threshold})"
+    note = (f"({len(texts)} texts, {n_chars} characters: {processes}; {n_tokens} tokens; ids equal to 1 process; "
+            f"equal to the reference on {sum(same)} of {len(same)} texts without a backslash)")
     for r in [r for r in ROWS if r["section"] == section]:
+        r["note"] = note
         scale = n_tokens / len(texts)
         ROWS.append(dict(r, section=f"{section} (tokens)", unit="tokens/s", median=r["median"] * scale,
                          low=r["low"] * scale, high=r["high"] * scale, note=""))

@@ -1,8 +1,10 @@
-"""A deterministic corpus of real English prose available offline: the docstrings of the Python
-standard library, cut into paragraphs. Used by the tokenizer tests and the benchmark."""
+"""Deterministic corpora of real English available offline: the docstrings of the Python standard
+library, cut into paragraphs (tokenizer tests and benchmark), and the sayings of the fortune
+collection installed by the system's package manager (benchmark)."""
 
 import importlib
 import inspect
+import os
 import re
 
 MODULES = [
@@ -42,3 +44,23 @@ def english_texts(n=None, min_words=4):
                     seen.add(para)
     texts = sorted(seen)
     return texts if n is None else texts[:n]
+
+
+FORTUNES = "/usr/share/games/fortunes"  # Debian's `fortunes` package (apt-get install fortunes)
+
+
+def fortune_texts(folder=FORTUNES):
+    """The sayings of the BSD fortune collection (a text corpus nobody on this project chose),
+    sorted and de-duplicated; [] where the package is not installed."""
+    if not os.path.isdir(folder):
+        return []
+    seen = set()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if "." in name or not os.path.isfile(path):  # skip the .dat indexes and .u8 links
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for saying in re.split(r"^%\n", f.read(), flags=re.M):
+                if saying.strip():
+                    seen.add(saying.strip())
+    return sorted(seen)

@@ -10,8 +10,8 @@ from model_pytorch import GPTConfig
 from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-OPENAI_GPT = SHARED / "openai-gpt"
+OPENAI_GPT = ROOT / "model"  # OpenAI's BPE vocabulary is shipped here (model/README.md)
+TEST_DATA = ROOT / "tests" / "data"
 
 TINY = dict(n_vocab=60, n_ctx=16, n_embd=32, n_layer=2)
 TINY_HEADS = 4
@@ -19,12 +19,6 @@ TINY_HEADS = 4
 
 def tiny_config(**overrides):
     return GPTConfig(n_embd=TINY["n_embd"], n_head=TINY_HEADS, n_layer=TINY["n_layer"], **overrides)
-
-
-def needs_shared(*names):
-    """Skip cleanly where ../shared (the real vocabulary) is absent."""
-    missing = [n for n in names if not (OPENAI_GPT / n).exists()]
-    return pytest.mark.skipif(bool(missing), reason=f"../shared/openai-gpt lacks {missing}")
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def full_size_weights(tmp_path_factory):
 
 
 def make_inputs(n_vocab, n_special, n_ctx, shape, seed=0, high=None):
-    """X of shape shape + (T, 2): random token ids and the position rows of SPEC §2."""
+    """X of shape shape + (T, 2): random token ids and the position rows of docs/reference.md §2."""
     g = torch.Generator().manual_seed(seed)
     *lead, T = shape
     tokens = torch.randint(0, high or n_vocab, (*lead, T), generator=g)

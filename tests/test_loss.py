@@ -109,7 +109,7 @@ def test_accumulated_micro_batches_equal_one_batch():
         assert (a - b).abs().max() <= 3e-7, name  # measured 2.2e-08 (4.5e-08 without SIMD)
     for (name, a), b in zip(whole.named_parameters(), split.parameters()):
         if name == "task_head.linear.bias":
-            # SPEC §3: its analytic gradient is 0 with two choices; Adam turns rounding noise into a
+            # docs/reference.md §3: its analytic gradient is 0 with two choices; Adam turns rounding noise into a
             # step of size ~lr, so only its gradient is compared.
             assert whole_grads[-1].abs().max() < 1e-7  # measured 7.5e-09 (1.9e-08 without SIMD)
             continue

@@ -1,4 +1,4 @@
-"""model_pytorch: parity with `transformers`' OpenAI GPT, the loader (SPEC §1) and the network (SPEC §2)."""
+"""model_pytorch: parity with `transformers`' OpenAI GPT, the loader and the network (docs/reference.md §1-2)."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import model_pytorch as mp
-from conftest import ROOT, TINY, TINY_HEADS, make_inputs, tiny_config
+from conftest import ROOT, TEST_DATA, TINY, TINY_HEADS, make_inputs, tiny_config
 from model_pytorch import (
     DEFAULT_CONFIG,
     DoubleHeadModel,
@@ -152,7 +152,7 @@ def test_fused_attention_equals_explicit_softmax():
     assert err <= 4e-6  # measured 4.8e-07 (3.6e-07 with other CPU kernels)
 
 
-def test_explicit_attention_is_the_spec_formula():
+def test_explicit_attention_is_the_tf_formula():
     q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)
     w = q @ k.transpose(-1, -2) / np.sqrt(8)
     w = w.masked_fill(~torch.tril(torch.ones(7, 7, dtype=torch.bool)), float("-inf"))
@@ -414,7 +414,7 @@ def test_embedding_dropout_drops_the_matrix_shared_with_the_lm_head(padded):
         mask[0, 1, 5:] = 0
     seen = capture_embeddings_and_hidden(model.transformer)
 
-    # SPEC §2: ONE dropout mask on the whole matrix `we`, drawn here from the RNG state the model sees
+    # docs/reference.md §2: ONE dropout mask on the whole matrix `we`, drawn here from the RNG state the model sees
     torch.manual_seed(11)
     we = model.transformer.embed.weight.detach()
     keep = F.dropout(torch.ones_like(we), p) > 0
@@ -551,10 +551,7 @@ def test_readme_usage_snippet_runs_as_written(full_size_weights, tmp_path):
 
 
 def test_fixture_shapes_match_the_real_file():
-    shapes_file = ROOT.parent / "shared" / "openai-gpt" / "params_shapes.json"
-    if not shapes_file.exists():
-        pytest.skip("../shared/openai-gpt/params_shapes.json is absent")
-    real = json.loads(shapes_file.read_text())
+    real = json.loads((TEST_DATA / "params_shapes.json").read_text())  # OpenAI's file (model/README.md)
     assert real == [list(shape) for _, shape in openai_order(40478, 512, 768, 12)]
     assert real == mp.openai_shapes()
     assert sum(int(np.prod(s)) for s in real) == 116_534_784

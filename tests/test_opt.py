@@ -1,4 +1,4 @@
-"""opt.OpenAIAdam against a NumPy re-statement of SPEC §3."""
+"""opt.OpenAIAdam against a NumPy re-statement of docs/reference.md §3."""
 
 import io
 import math
@@ -14,7 +14,7 @@ from opt import SCHEDULES, OpenAIAdam
 
 
 def np_schedule(name, x, w):
-    """SPEC §3's schedules of x = t / t_total."""
+    """docs/reference.md §3's schedules of x = t / t_total."""
     if name == "warmup_linear":
         return (x / w if x <= w else 1.0) * (1 - x)
     if name == "warmup_cosine":
@@ -23,10 +23,10 @@ def np_schedule(name, x, w):
 
 
 class NumpyAdam:
-    """SPEC §3 in float64. `variant` breaks the decay rule on purpose, to show the tests can fail."""
+    """docs/reference.md §3 in float64. `variant` breaks the decay rule on purpose, to show the tests can fail."""
 
     def __init__(self, params, lr, schedule, warmup, t_total, b1=0.9, b2=0.999, e=1e-8, l2=0.0,
-                 vector_l2=False, max_grad_norm=-1, variant="spec"):
+                 vector_l2=False, max_grad_norm=-1, variant="tf"):
         self.p = [np.asarray(p, np.float64).copy() for p in params]
         self.m = [np.zeros_like(p) for p in self.p]
         self.v = [np.zeros_like(p) for p in self.p]
@@ -53,7 +53,7 @@ class NumpyAdam:
             decays = (p.ndim > 1 or hp["vector_l2"]) and hp["l2"] > 0
             if not decays:  # 4.
                 self.p[i] = p - lrt * adam
-            elif self.variant == "spec":
+            elif self.variant == "tf":
                 self.p[i] = p - lrt * (adam + hp["l2"] * p)
             elif self.variant == "decay_after_step":
                 q = p - lrt * adam
@@ -96,7 +96,7 @@ def max_relative_difference(model, reference):
     return max(np.abs(p.detach().numpy() - q).max() / np.abs(q).max() for p, q in zip(model.parameters(), reference.p))
 
 
-def run(hp, n_steps=6, reload_at=None, variant="spec"):
+def run(hp, n_steps=6, reload_at=None, variant="tf"):
     model, batch = tiny_problem()
     opt = OpenAIAdam(model.parameters(), **hp)
     spec_hp = {k: v for k, v in hp.items() if k != "fused"}
@@ -139,7 +139,7 @@ def test_state_dict_round_trip_continues_the_schedule():
     assert opt.current_lr() == opt.step_size(opt.param_groups[0], 6)  # the same float64 computation
 
 
-def test_large_weight_decay_follows_the_spec_exactly():
+def test_large_weight_decay_follows_the_tf_formula_exactly():
     hp = dict(lr=0.05, schedule="warmup_constant", warmup=0.2, t_total=10, l2=1.0, max_grad_norm=1.0)
     model, ref, _ = run(hp)
     assert_same_params(model, ref)

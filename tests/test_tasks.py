@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -304,7 +305,9 @@ def test_not_utf8_and_unknown_task(tmp_path):
     folder = copy_folder("rte", tmp_path)
     with open(os.path.join(folder, "dev.tsv"), "ab") as f:
         f.write(b"7\t\xff\xfe\tb\tentailment\n")
-    with pytest.raises(DataError, match=r"dev.tsv: not UTF-8"):
+    with open(os.path.join(folder, "dev.tsv"), "rb") as f:
+        bad_line = len(f.read().splitlines())
+    with pytest.raises(DataError, match=rf"dev.tsv, line {bad_line}, column 3: not UTF-8"):
         get_task("rte").read(folder)
     with pytest.raises(ValueError, match=r"unknown task 'glue'; known tasks: rocstories, sst2, cola, mrpc, qqp, "
                                          r"stsb, mnli, "
@@ -532,3 +535,28 @@ def test_rocstories_declaration_keeps_the_original_split_and_cut(synthetic):
     s = Specials(100, 100, 101, 102)
     seqs, n_cut = task.sequences(([list(range(10))], [[50, 51, 52]], [[60]]), s, 12)
     assert seqs == [[[100, 0, 1, 2, 3, 101, 50, 51, 52, 102], [100, 0, 1, 2, 3, 101, 60, 102]]] and n_cut == 1
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("snli", "snli_1.0_dev.jsonl"), ("scitail", "tsv_format/scitail_1.0_dev.tsv"), ("race", "dev/high/*.txt"),
+    ("cola", "dev.tsv"), ("lm", "b.txt")])
+def test_every_reader_names_the_line_and_column_of_a_byte_that_is_not_utf8(tmp_path, name, pattern):
+    import glob
+
+    if name == "lm":
+        folder = tmp_path / "corpus"
+        folder.mkdir()
+        (folder / "a.txt").write_text("one line of text\n" * 5)
+        (folder / "b.txt").write_text("another line\n" * 5)
+        folder = str(folder)
+    else:
+        folder = copy_folder(name, tmp_path)
+    path = sorted(glob.glob(os.path.join(folder, pattern)))[0]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    k = 1 if len(lines) > 1 and lines[1] else 0  # line 2, or line 1 of a one-line file (RACE's JSON)
+    lines[k] = lines[k][:2] + b"\xe9" + lines[k][2:]  # Latin-1 e-acute at column 3
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines))
+    with pytest.raises(DataError, match=rf"{re.escape(os.path.basename(path))}, line {k + 1}, column 3: not UTF-8"):
+        get_task(name).read(folder)

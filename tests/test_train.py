@@ -136,7 +136,7 @@ def test_speedups_train_the_same_as_the_plain_path(setup, tmp_path):
     assert train.main(arguments(setup, fast, *NO_DROPOUT)) == 0
     assert train.main(arguments(setup, plain, *NO_DROPOUT, "--plain")) == 0
     a, b = final_state(fast)["model"], final_state(plain)["model"]
-    # The classifier bias has an analytic gradient of 0 (SPEC §3): Adam turns rounding noise into
+    # The classifier bias has an analytic gradient of 0 (docs/reference.md §3): Adam turns rounding noise into
     # steps of size ~lr there, so it is left out.
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
     print(f"trimmed + fused + masked LM logits vs plain: max parameter difference {worst:.2e}")

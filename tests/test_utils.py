@@ -34,7 +34,13 @@ def test_result_logger(tmp_path):
 
 
 class FakeEncoder:
-    def encode(self, texts, verbose=True):
+    """Ids = word lengths; records each call's texts and options."""
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, texts, verbose=True, **options):
+        self.calls.append((list(texts), options))
         return [[len(w) for w in t.split()] for t in texts]
 
 
@@ -44,6 +50,18 @@ def test_encode_dataset_encodes_texts_only():
     (tr, va) = encode_dataset(*[train, valid], encoder=FakeEncoder())
     assert tr[0] == [[1, 2], [3]] and va[1] == [[2, 2]] and tr[2].tolist() == [0, 1]
     assert encode_dataset((train, valid), encoder=FakeEncoder())[1][1] == [[2, 2]]
+
+
+def test_encode_dataset_sends_all_texts_in_one_call():
+    train = (["a bb", "ccc"], ["dd"] * 2, np.array([0, 1]))
+    test = (["e"], ["ff gg"])
+    encoder = FakeEncoder()
+    (tr, te) = encode_dataset(train, test, encoder=encoder, workers=3)
+    assert encoder.calls == [(["a bb", "ccc", "dd", "dd", "e", "ff gg"], {"workers": 3})]
+    assert (tr[0], tr[1], te[0], te[1]) == ([[1, 2], [3]], [[2], [2]], [[1]], [[2, 2]])
+    encoder = FakeEncoder()
+    encode_dataset(train, encoder=encoder)
+    assert encoder.calls[0][1] == {}  # encoders without a `workers` option still work
 
 
 def test_small_helpers(tmp_path):
