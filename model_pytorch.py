@@ -527,23 +527,28 @@ class WeightsError(ValueError):
     """The weights on disk do not fit the model or are damaged."""
 
 
-LAYER_PARAMS = [  # order of a layer's twelve arrays in OpenAI's shards
-    "attn.c_attn.w", "attn.c_attn.b", "attn.c_proj.w", "attn.c_proj.b", "ln_1.g", "ln_1.b",
-    "mlp.c_fc.w", "mlp.c_fc.b", "mlp.c_proj.w", "mlp.c_proj.b", "ln_2.g", "ln_2.b",
-]
-HF_LAYER_PARAMS = [
-    "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight", "attn.c_proj.bias",
-    "ln_1.weight", "ln_1.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-    "mlp.c_proj.weight", "mlp.c_proj.bias", "ln_2.weight", "ln_2.bias",
-]
+def layer_layout(n_embd=768):
+    """One layer's twelve arrays in OpenAI's shard order: (our parameter name, the Hugging Face
+    name, the shape in params_shapes.json). The one source of the shard layout: the loaders, the
+    exporter and the random-weights writer all read it."""
+    e = n_embd
+    return [
+        ("attn.c_attn.w", "attn.c_attn.weight", [1, e, 3 * e]), ("attn.c_attn.b", "attn.c_attn.bias", [3 * e]),
+        ("attn.c_proj.w", "attn.c_proj.weight", [1, e, e]), ("attn.c_proj.b", "attn.c_proj.bias", [e]),
+        ("ln_1.g", "ln_1.weight", [e]), ("ln_1.b", "ln_1.bias", [e]),
+        ("mlp.c_fc.w", "mlp.c_fc.weight", [1, e, 4 * e]), ("mlp.c_fc.b", "mlp.c_fc.bias", [4 * e]),
+        ("mlp.c_proj.w", "mlp.c_proj.weight", [1, 4 * e, e]), ("mlp.c_proj.b", "mlp.c_proj.bias", [e]),
+        ("ln_2.g", "ln_2.weight", [e]), ("ln_2.b", "ln_2.bias", [e]),
+    ]
+
+
+LAYER_PARAMS = [ours for ours, _, _ in layer_layout()]
+HF_LAYER_PARAMS = [hf for _, hf, _ in layer_layout()]
 
 
 def openai_shapes(n_vocab=N_VOCAB, n_ctx=512, n_embd=768, n_layer=12):
-    """The list in params_shapes.json for a model of these sizes."""
-    layer = [
-        [1, n_embd, 3 * n_embd], [3 * n_embd], [1, n_embd, n_embd], [n_embd], [n_embd], [n_embd],
-        [1, n_embd, 4 * n_embd], [4 * n_embd], [1, 4 * n_embd, n_embd], [n_embd], [n_embd], [n_embd],
-    ]
+    """The list in params_shapes.json for a model of these sizes: positions, tokens, then the layers."""
+    layer = [shape for _, _, shape in layer_layout(n_embd)]
     return [[n_ctx, n_embd], [n_vocab, n_embd]] + layer * n_layer
 
 

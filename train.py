@@ -128,8 +128,10 @@ def build_parser():
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model (lengths bucketed; CUDA graphs on a GPU)")
     run.add_argument("--micro_batch", type=int, default=None,
-                     help="examples per forward pass (default: a process's whole share of the update)")
-    io.add_argument("--eval_batch", type=int, default=128, help="examples per evaluation batch")
+                     help="examples per forward pass (default: on a GPU a process's whole share of the update, "
+                          "on a CPU --n_batch)")
+    io.add_argument("--eval_batch", type=int, default=None,
+                    help="examples per evaluation batch (default: 128 on a GPU, 16 on a CPU)")
     io.add_argument("--cache_dir", type=str, default=None,
                     help="where encoded data sets are cached (default: SAVE_DIR/encoded)")
     io.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
@@ -151,7 +153,7 @@ def validate_args(args):
         ("n_iter", args.n_iter >= 1, "at least 1"),
         ("n_batch", args.n_batch >= 1, "at least 1"),
         ("n_gpu", args.n_gpu >= 1, "at least 1"),
-        ("eval_batch", args.eval_batch >= 1, "at least 1"),
+        ("eval_batch", args.eval_batch is None or args.eval_batch >= 1, "at least 1"),
         ("n_valid", args.n_valid >= 1, "at least 1"),
         ("n_ctx", args.n_ctx >= 6, "at least 6"),
         ("n_embd", args.n_embd >= 1, "at least 1"),
@@ -405,6 +407,18 @@ class Runtime:
         """Wait for the device: only at phase boundaries, for honest phase times."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def device_defaults(args, runtime):
+    """Batch sizes by device. A GPU runs a process's share of an update as ONE pass and evaluates
+    128 examples at a time. A CPU is faster with small passes: past about 8 stories a pass's
+    activations leave the CPU's caches, and one pass of 32 stories takes 1.4x as long as 4 passes of
+    8 (the TF code's towers; same objective), evaluation in batches of 128 1.4x as long as in 16
+    (docs/speed.md). Explicit flags win."""
+    cpu = runtime.device.type == "cpu"
+    if args.eval_batch is None:
+        args.eval_batch = 16 if cpu else 128
+    return args.micro_batch or (args.n_batch if cpu else None)
 
 
 def setup_runtime(args):
@@ -811,6 +825,7 @@ class Run:
     logger: ResultLogger = None
     writer: BackgroundWriter = field(default_factory=BackgroundWriter)
     n_updates_total: int = 0
+    micro_batch: int = None  # examples per pass (None: all at once), halved when the device runs out of memory
     compile_shapes: dict = field(default_factory=dict)
 
     @property
@@ -839,7 +854,7 @@ def set_up(args, runtime, times):
 
     One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
     is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
-    run = Run(args, runtime, times)
+    run = Run(args, runtime, times, micro_batch=device_defaults(args, runtime))
     random.seed(args.seed)
     torch.manual_seed(args.seed + runtime.rank)
     run.data_rng = np.random.RandomState(args.seed)
@@ -943,9 +958,34 @@ def micro_batches_of(run, xmb, mmb, ymb):
     share = len(xmb) // runtime.world
     mine = slice(runtime.rank * share, (runtime.rank + 1) * share)
     xmb, mmb, ymb = xmb[mine], mmb[mine], ymb[mine]
-    size = args.micro_batch or share
+    size = run.micro_batch or share
+    lm = args.lm_coef > 0 or run.compute is None  # (a language model alone always needs its LM rows)
     return [make_batch(xmb[k:k + size], mmb[k:k + size], ymb[k:k + size], run.data.specials.clf_token,
-                       runtime.device, batch_mode(args), lm=args.lm_coef > 0) for k in range(0, share, size)]
+                       runtime.device, batch_mode(args), lm=lm) for k in range(0, share, size)]
+
+
+def update_within_memory(run, xmb, mmb, ymb, stop):
+    """One update; if the device runs out of memory, the same update again in micro-batches of half
+    the size (the same objective), and so on for the rest of the run. Returns (values, batch shape)."""
+    share = len(xmb) // run.runtime.world
+    while True:
+        batches = micro_batches_of(run, xmb, mmb, ymb)
+        try:
+            values = train_update(run.train_model, batches, run.compute, run.opt, run.scaler, run.args, run.runtime,
+                                  stop_requested=stop.requested)
+            return values, tuple(batches[0].X.shape)
+        except torch.OutOfMemoryError:
+            size = run.micro_batch or share
+            if size % 2 or run.runtime.world > 1:
+                raise RunError(f"out of memory with {size} examples per pass; pass a smaller --micro_batch "
+                               f"(it must divide {share})") from None
+            del batches
+            run.opt.zero_grad(set_to_none=True)
+            if run.runtime.device.type == "cuda":
+                torch.cuda.empty_cache()
+            run.micro_batch = size // 2
+            tqdm.write(f"out of memory with {size} examples per pass: the update runs again as micro-batches of "
+                       f"{run.micro_batch} (start with --micro_batch {run.micro_batch} to skip this)")
 
 
 def epoch_order(rng, n):
@@ -971,11 +1011,8 @@ def train_epoch(run, stop, reader, bar_enabled):
     try:
         for b in range(progress.update_in_epoch, n_batches):
             idx = order[b * n_batch_train:(b + 1) * n_batch_train]
-            batches = micro_batches_of(run, X[idx], M[idx], Y[idx])
-            shape = tuple(batches[0].X.shape)
             t0 = time.perf_counter()
-            values = train_update(run.train_model, batches, run.compute, run.opt, run.scaler, args, run.runtime,
-                                  stop_requested=stop.requested)
+            values, shape = update_within_memory(run, X[idx], M[idx], Y[idx], stop)
             progress.n_updates += 1
             progress.update_in_epoch += 1
             if args.compile and shape not in run.compile_shapes:

@@ -374,21 +374,26 @@ def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, m
     assert forwards and set(forwards) == {0}
 
 
-def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
+def test_one_pass_per_update_by_default_on_a_gpu_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
+    for device, micro_batch, eval_batch in (("cuda", None, 128), ("cpu", 4, 16)):
+        args = train.parse_args(arguments(setup, tmp_path))
+        args.eval_batch = None  # the default
+        assert train.device_defaults(args, train.Runtime(torch.device(device))) == micro_batch  # None: one pass
+        assert args.eval_batch == eval_batch
     calls = []
     real = train.batch_objective
     monkeypatch.setattr(train, "batch_objective", lambda model, batch, *a: calls.append(len(batch.Y)) or
                         real(model, batch, *a))
-    assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1")) == 0
+    assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1", "--micro_batch", "16")) == 0
     assert calls == [16] * 5  # n_batch 4 x n_gpu 4 in one forward per update
     calls.clear()
-    assert train.main(arguments(setup, tmp_path / "micro", "--n_iter", "1", "--micro_batch", "4")) == 0
+    assert train.main(arguments(setup, tmp_path / "cpu", "--n_iter", "1")) == 0
     assert calls == [4] * 20
 
 
 def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
     one, towers = tmp_path / "one", tmp_path / "towers"
-    assert train.main(arguments(setup, one, *NO_DROPOUT)) == 0
+    assert train.main(arguments(setup, one, *NO_DROPOUT, "--micro_batch", "16")) == 0
     assert train.main(arguments(setup, towers, *NO_DROPOUT, "--micro_batch", "4")) == 0
     a, b = final_state(one)["model"], final_state(towers)["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
@@ -812,3 +817,22 @@ def test_fine_tuning_starts_from_the_trained_language_model(corpus, tmp_path):
     assert "transformer.tokens_embed.weight" in load_file(lm_dir / "model.safetensors") or \
         "tokens_embed.weight" in load_file(lm_dir / "model.safetensors")
     assert train.main(argv) == 130  # and it trains
+
+
+def test_out_of_memory_halves_the_pass_and_keeps_the_objective(setup, tmp_path, monkeypatch, capsys):
+    """A device that holds 4 examples per pass: the update is run again in micro-batches of 4, and the
+    run equals one made with --micro_batch 4 from the start."""
+    real = train.batch_objective
+
+    def small_device(model, batch, *a):
+        if len(batch.Y) > 4:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(model, batch, *a)
+
+    assert train.main(arguments(setup, tmp_path / "asked", *NO_DROPOUT, "--micro_batch", "4")) == 0
+    monkeypatch.setattr(train, "batch_objective", small_device)
+    assert train.main(arguments(setup, tmp_path / "fallback", *NO_DROPOUT, "--micro_batch", "16")) == 0
+    assert "out of memory with 8 examples per pass: the update runs again as micro-batches of 4" in \
+        capsys.readouterr().out
+    a, b = final_state(tmp_path / "asked")["model"], final_state(tmp_path / "fallback")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
