@@ -182,9 +182,11 @@ def autocast(device, amp):
 def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
     """Issue 9: one update of 32 stories (the paper's batch) and the evaluation of n_eval stories.
 
-    ours: one pass per update (the default); ours, plain: 4 towers of 8 with the speed-ups off (the
-    TF code's layout); transformers: DoubleHeads + fused AdamW, one pass. Host-side batch preparation
-    is inside the timed part for ours, as in train.py."""
+    ours: train.py's default for the device (a GPU: one pass per update; a CPU: 4 passes of 8);
+    ours, plain: 4 towers of 8 with the speed-ups off (the TF code's layout); transformers:
+    DoubleHeads + fused AdamW with the same passes as ours (on a CPU also in one pass, its own
+    default). Evaluation: both in batches of train.py's default for the device (128 on a GPU, 16 on a
+    CPU). Host-side batch preparation is inside the timed part for ours, as in train.py."""
     n_vocab = size[0]
     clf = n_vocab + 2
     X, M, Y = story_batch(32, n_vocab, seed=1)
@@ -197,8 +199,10 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
                              l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
     hf = models["hf"]
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01, fused=True)
-    batch = {k: v.to(device) for k, v in hf_inputs(X, M, Y).items()}
-    eval_args = Namespace(plain=False, amp=None, eval_batch=128, compile=False)
+    cpu = device.type == "cpu"
+    pass_size = 8 if cpu else 32  # train.py's default passes (device_defaults)
+    eval_batch = 16 if cpu else 128
+    eval_args = Namespace(plain=False, amp=None, eval_batch=eval_batch, compile=False)
     a = predict_logits(models["ours"], X, M, eval_args, runtime)
     b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=4), runtime)
     print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
@@ -206,7 +210,8 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
     def ours_step(name, amp):
         plain = name == "plain"
         args = Namespace(plain=plain, lm_coef=0.5, amp=amp)
-        towers = [(X[k:k + 8], M[k:k + 8], Y[k:k + 8]) for k in range(0, 32, 8)] if plain else [(X, M, Y)]
+        size = 8 if plain else pass_size
+        towers = [(X[k:k + size], M[k:k + size], Y[k:k + size]) for k in range(0, 32, size)]
 
         def step():
             models[name].train()
@@ -215,13 +220,16 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
             synchronize(device)
         return step
 
-    def hf_step(amp):
+    def hf_step(amp, size):
+        passes = [{k: v[i:i + size].to(device) for k, v in hf_inputs(X, M, Y).items()} for i in range(0, 32, size)]
+
         def step():
             hf.train()
-            with autocast(device, amp):
-                out = hf(**batch)
-                loss = out.mc_loss + 0.5 * out.loss
-            loss.backward()
+            for batch in passes:
+                with autocast(device, amp):
+                    out = hf(**batch)
+                    loss = (out.mc_loss + 0.5 * out.loss) / len(passes)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0, foreach=True)
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
@@ -230,10 +238,13 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
 
     for amp in amps:
         kind = "bf16" if amp else "fp32"
-        compare(f"update of 32, {kind}", "ms", {"ours (one pass)": ours_step("ours", amp),
-                                                "transformers DoubleHeads + fused AdamW": hf_step(amp),
-                                                "ours, plain (4 towers of 8)": ours_step("plain", amp)},
-                repeats, work=None, seconds_scale=1000, warmup=2,
+        passes = "4 passes of 8" if cpu else "one pass"
+        variants = {f"ours ({passes})": ours_step("ours", amp),
+                    f"transformers DoubleHeads + fused AdamW ({passes})": hf_step(amp, pass_size),
+                    "ours, plain (4 towers of 8)": ours_step("plain", amp)}
+        if cpu:
+            variants["transformers DoubleHeads + fused AdamW (one pass)"] = hf_step(amp, 32)
+        compare(f"update of 32, {kind}", "ms", variants, repeats, work=None, seconds_scale=1000, warmup=2,
                 note=f"({int(tokens)} real of {32 * 2 * 77} tokens; {device.type})")
 
     EX, EM, _ = story_batch(n_eval, n_vocab, seed=2)
@@ -242,15 +253,15 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
     hf_last = torch.from_numpy(EM.sum(-1).astype(np.int64) - 1).to(device)
 
     def ours_eval(amp):
-        args = Namespace(plain=False, amp=amp, eval_batch=128, compile=False)
+        args = Namespace(plain=False, amp=amp, eval_batch=eval_batch, compile=False)
         return lambda: predict_logits(models["ours"], EX, EM, args, runtime)
 
     def hf_eval(amp):
         def run():
             hf.eval()
             with torch.no_grad(), autocast(device, amp):
-                outs = [hf(input_ids=hf_ids[k:k + 128], mc_token_ids=hf_last[k:k + 128]).mc_logits
-                        for k in range(0, n_eval, 128)]
+                outs = [hf(input_ids=hf_ids[k:k + eval_batch], mc_token_ids=hf_last[k:k + eval_batch]).mc_logits
+                        for k in range(0, n_eval, eval_batch)]
             torch.cat(outs).float().cpu()
         return run
 
@@ -258,7 +269,7 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
         kind = "bf16" if amp else "fp32"
         compare(f"evaluate {n_eval}, {kind}", "real tokens/s",
                 {"ours": ours_eval(amp), "transformers DoubleHeads": hf_eval(amp)}, repeats, work=eval_tokens,
-                note=f"(batches of 128; {device.type})")
+                note=f"(batches of {eval_batch}; {device.type})")
     for model in models.values():
         model.to("cpu")
 
