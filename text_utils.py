@@ -109,13 +109,19 @@ def start_method():
 
 
 def default_workers():
-    """Worker processes for large inputs: the CPUs this process may use, at most 4 (beyond
-    that, gathering the results and the workers' own start-up eat the gain)."""
+    """Worker processes for large inputs: the CPUs this process may use that other programs leave
+    idle (by the 1-minute load average, less this process's own 1), at most 4. Busy CPUs give a
+    worker no time (and Linux shares CPU time between sessions, not processes), so it would only
+    add its start-up; beyond 4, gathering the results eats the gain."""
     try:
         n_cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n_cpus = os.cpu_count() or 1
-    return max(1, min(4, n_cpus))
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1)
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(4, round(n_cpus - busy)))
 
 
 def contiguous_chunks(texts, n_chunks):
