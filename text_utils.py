@@ -98,7 +98,7 @@ def _resolve(path, alternative):
 
 # Below this many characters (fork: about 1-2 s of work in one process) an input is encoded in one
 # process. Workers cost their start-up (fork: ~50 ms; spawn: 2-3 s each, as each re-imports spaCy)
-# and warm their own caches (about a fifth more work in all); small inputs would lose.
+# and warm their own caches (10-25% more work in all); small inputs would lose.
 PARALLEL_MIN_CHARS = {"fork": 2_000_000, "spawn": 10_000_000}
 
 
@@ -109,13 +109,19 @@ def start_method():
 
 
 def default_workers():
-    """Worker processes for large inputs: the CPUs this process may use, at most 4 (beyond
-    that, gathering the results and the workers' own start-up eat the gain)."""
+    """Worker processes for large inputs: the CPUs this process may use that other programs leave
+    idle (by the 1-minute load average, less this process's own 1), at most 4. Busy CPUs give a
+    worker no time (Linux's autogroup scheduling shares CPU time between sessions, not processes),
+    so it would only add its cost; beyond 4, gathering the results eats the gain."""
     try:
         n_cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n_cpus = os.cpu_count() or 1
-    return max(1, min(4, n_cpus))
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1)
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, min(4, round(n_cpus - busy)))
 
 
 def contiguous_chunks(texts, n_chunks):

@@ -400,7 +400,9 @@ def bench_encode_corpus(section, texts, repeats, enc_path, bpe_path):
     same = [a == b for t, a, b in zip(texts, ids[None], ids["reference"]) if "\\" not in t]
     n_tokens, n_chars = sum(len(x) for x in ids[None]), sum(len(t) for t in texts)
     threshold = PARALLEL_MIN_CHARS[start_method()]
-    processes = f"{default_workers()} worker processes" if n_chars >= threshold else f"1 process (< {threshold})"
+    processes = f"1 process (< {threshold})"
+    if n_chars >= threshold:
+        processes = f"workers by load: {default_workers()} at the end"
     note = (f"({len(texts)} texts, {n_chars} characters: {processes}; {n_tokens} tokens; ids equal to 1 process; "
             f"equal to the reference on {sum(same)} of {len(same)} texts without a backslash)")
     for r in [r for r in ROWS if r["section"] == section]:

@@ -120,6 +120,14 @@ def test_small_inputs_start_no_process(ours, monkeypatch):
         ours.encode(texts, workers=0)
 
 
+@pytest.mark.parametrize("cpus, load, expected", [(2, 0.2, 2), (2, 1.0, 2), (2, 2.3, 1), (2, 6.0, 1), (8, 1.5, 4),
+                                                   (8, 6.0, 3), (1, 0.0, 1)])
+def test_default_workers_leave_busy_cpus_alone(monkeypatch, cpus, load, expected):
+    monkeypatch.setattr(text_utils.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(text_utils.os, "getloadavg", lambda: (load, load, load))
+    assert text_utils.default_workers() == expected
+
+
 def test_pickled_encoder_keeps_added_tokens(ours):
     ours.encoder["_start_"] = len(ours.encoder)
     try:
