@@ -492,6 +492,8 @@ class DoubleHeadModel(nn.Module):
         which replaces `mask` and every check that would wait for the device (training loops)."""
         we = self.transformer.embedding_matrix()
         h = self.transformer(x, we, mask=mask, plan=plan)
+        if plan is not None:
+            mask = None  # the plan says which LM rows to compute (none selected: every position)
         lm_logits = self.lm_head(h, we, mask=mask, plan=plan) if compute_lm else None
         return lm_logits, self.task_head(h, x, plan=plan)
 

@@ -626,8 +626,7 @@ def batch_objective(model, batch, compute, args):
     if compute is None:
         lm_logits = model(batch.X, plan=batch.plan)
         return lm_losses(batch.X, batch.M, lm_logits.float(), plan=batch.plan).mean()
-    mask = None if args.plain else batch.M
-    lm_logits, clf_logits = model(batch.X, mask=mask, compute_lm=args.lm_coef > 0, plan=batch.plan)
+    lm_logits, clf_logits = model(batch.X, compute_lm=args.lm_coef > 0, plan=batch.plan)
     clf, lm = compute.losses(batch.X, batch.Y, batch.M, clf_logits.float(),
                              None if lm_logits is None else lm_logits.float(), plan=batch.plan)
     return compute.objective(clf, lm)
