@@ -354,7 +354,6 @@ class Batch:
     M: torch.Tensor
     Y: "torch.Tensor | None"
     plan: "BatchPlan | None"
-    n_examples: int
 
 
 def trim(X, M):
@@ -377,10 +376,10 @@ def make_batch(xmb, mmb, ymb, clf_token, device, mode, lm=True):
     lengths bucketed and every position kept, so shapes repeat and graphs can be reused."""
     Y = None if ymb is None else to_device(ymb, device, torch.long if ymb.dtype.kind in "iu" else torch.float32)
     if mode == "plain":
-        return Batch(to_device(xmb, device), to_device(mmb, device), Y, None, len(xmb))
+        return Batch(to_device(xmb, device), to_device(mmb, device), Y, None)
     xmb, mmb = bucketed(xmb, mmb, COMPILE_BUCKET) if mode == "static" else trim(xmb, mmb)
     plan = BatchPlan.build(xmb, mmb, clf_token, device, skip_padding=mode != "static", lm=lm)
-    return Batch(to_device(xmb, device), to_device(mmb, device), Y, plan, len(xmb))
+    return Batch(to_device(xmb, device), to_device(mmb, device), Y, plan)
 
 
 def batch_mode(args, training=True):
