@@ -692,15 +692,23 @@ class LateReader:
         return self.loss, self.stop
 
 
-@torch.no_grad()
-def predict_logits(model, X, M, args, runtime, clf_token=None):
-    """Task logits of every example: no dropout, no LM logits, batches of similar length, read back
-    once at the end. The caller's train/eval mode is restored."""
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """No dropout and no gradients inside; the caller's train/eval mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        if clf_token is None:
-            clf_token = _task_head(model).clf_token
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model, X, M, args, runtime):
+    """Task logits of every example: no dropout, no LM logits, batches of similar length, read back
+    once at the end. The caller's train/eval mode is restored."""
+    with evaluation_mode(model):
+        clf_token = _task_head(model).clf_token
         order = np.argsort(M.sum(-1).max(-1), kind="stable") if not args.plain else np.arange(len(X))
         batch_size = args.n_batch * args.n_gpu if args.plain else args.eval_batch
         outputs = []
@@ -714,8 +722,6 @@ def predict_logits(model, X, M, args, runtime, clf_token=None):
         result = np.empty_like(logits)
         result[order] = logits
         return result
-    finally:
-        model.train(was_training)
 
 
 def _task_head(model):
@@ -724,12 +730,9 @@ def _task_head(model):
     return model.task_head
 
 
-@torch.no_grad()
 def evaluate_lm(model, X, M, args, runtime):
     """Mean next-token loss over the sequences (all of n_ctx tokens), read back once at the end."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         total = torch.zeros((), device=runtime.device)
         for idx in iter_data(np.arange(len(X)), n_batch=args.eval_batch):
             batch = make_batch(X[idx], M[idx], None, None, runtime.device, "trimmed")
@@ -737,8 +740,6 @@ def evaluate_lm(model, X, M, args, runtime):
                 logits = model(batch.X, plan=batch.plan)
             total += lm_losses(batch.X, batch.M, logits.float(), plan=batch.plan).sum()
         return total.item() / len(X)
-    finally:
-        model.train(was_training)
 
 
 def evaluate(model, task, X, M, Y, args, runtime):
@@ -813,6 +814,7 @@ class Run:
     runtime: Runtime
     times: PhaseTimes
     data: TaskData = None
+    text_encoder: TextEncoder = None
     model: torch.nn.Module = None
     train_model: torch.nn.Module = None
     opt: OpenAIAdam = None
@@ -858,7 +860,7 @@ def set_up(args, runtime, times):
     run.data_rng = np.random.RandomState(args.seed)
 
     with times("encoding"):
-        text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
+        run.text_encoder = text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
         n_vocab_weights, n_positions = pretrained_sizes(args.model_path)
         if len(text_encoder.encoder) != n_vocab_weights:
             raise RunError(f"the vocabulary {args.encoder_path} has {len(text_encoder.encoder)} entries but the "
@@ -1149,7 +1151,7 @@ def save_language_model(run):
         if args.submit:
             load_best_params(run.model, run.best_path)
         out = os.path.join(run.save_dir, "model")
-        save_hf_checkpoint(run.model, TextEncoder(args.encoder_path, args.bpe_path), out)
+        save_hf_checkpoint(run.model, run.text_encoder, out)
     cost = evaluate_lm(run.model, *run.data.splits["valid"][:2], args, run.runtime)
     tqdm.write(f"language model saved in {out} (fine-tune it with --model_path {out})")
     if args.analysis:
