@@ -40,7 +40,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 import datasets
-from datasets import DataError
+from datasets import DataError, read_text  # every reader decodes through it: undecodable bytes by line and column
 
 # ------------------------------------------------------------------------------------------------
 # Special tokens
@@ -85,12 +85,6 @@ class Split:
 
     def __len__(self):
         return len(self.texts[0])
-
-
-def read_text(path):
-    """A file's text: UTF-8, a leading byte-order mark removed; a byte that is not UTF-8 is reported
-    with its line and column (datasets.read_text). Every reader decodes here."""
-    return datasets.read_text(path)
 
 
 def read_tsv(path):
