@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _per_element_cross_entropy(logits, targets):
+def per_element_cross_entropy(logits, targets):
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def lm_losses(X, M, lm_logits, criterion=_per_element_cross_entropy, plan=None):
+def lm_losses(X, M, lm_logits, criterion=per_element_cross_entropy, plan=None):
     """Per-sequence LM loss: cross-entropy of each next token, masked by M[..., 1:] and averaged.
 
     lm_logits is either over every position ([N * (T - 1), vocab], as the TF code) or only over
@@ -23,9 +23,7 @@ def lm_losses(X, M, lm_logits, criterion=_per_element_cross_entropy, plan=None):
     waits for the device.
     """
     if plan is not None and plan.lm_rows is not None:
-        losses = criterion(lm_logits, plan.lm_targets)
-        summed = losses.new_zeros(plan.n_seq).index_add_(0, plan.lm_seq, losses)
-        return summed / plan.lm_count.to(summed.dtype)
+        return sequence_means(criterion(lm_logits, plan.lm_targets), plan)
     T = X.size(-2)
     tokens = X[..., 1:, 0].reshape(-1, T - 1)
     mask = M.reshape(-1, M.size(-1))[:, 1:].to(lm_logits.dtype)
@@ -46,12 +44,19 @@ def lm_losses(X, M, lm_logits, criterion=_per_element_cross_entropy, plan=None):
     return summed / mask.sum(1)
 
 
+def sequence_means(row_losses, plan):
+    """Per-sequence LM loss from the losses of a BatchPlan's LM rows (as `model(..., lm_losses=True)`
+    returns them): the mean over each sequence's predicted tokens."""
+    summed = row_losses.new_zeros(plan.n_seq).index_add_(0, plan.lm_seq, row_losses)
+    return summed / plan.lm_count.to(summed.dtype)
+
+
 class MultipleChoiceLossCompute:
     """Loss for [batch, n_choices] logits against the index of the right choice."""
 
     def __init__(self, lm_criterion=None, clf_criterion=None, lm_coef=0.5, opt=None, n_accumulate=1):
-        self.lm_criterion = lm_criterion or _per_element_cross_entropy
-        self.clf_criterion = clf_criterion or _per_element_cross_entropy
+        self.lm_criterion = lm_criterion or per_element_cross_entropy
+        self.clf_criterion = clf_criterion or per_element_cross_entropy
         self.lm_coef = lm_coef
         self.opt = opt
         if n_accumulate < 1:
@@ -96,6 +101,6 @@ class SimilarityLossCompute(MultipleChoiceLossCompute):
     """Squared error of the similarity score ([batch] logits) against a real-valued target."""
 
     def clf_losses(self, clf_logits, Y):
-        if self.clf_criterion is not _per_element_cross_entropy:
+        if self.clf_criterion is not per_element_cross_entropy:
             return self.clf_criterion(clf_logits, Y)
         return (clf_logits - Y.to(clf_logits.dtype)) ** 2

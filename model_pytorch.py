@@ -75,8 +75,10 @@ def make_config(cfg=None) -> GPTConfig:
 
 
 def gelu(x):
-    """The tanh form of GELU used by the TF code."""
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+    """The tanh form of GELU used by the TF code, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+    as PyTorch's fused kernel: one pass forward and one backward instead of eight and about fifteen
+    (docs/speed.md); equal to the formula written out to rounding (tests)."""
+    return F.gelu(x, approximate="tanh")
 
 
 def swish(x):
@@ -387,6 +389,57 @@ class LMHead(nn.Module):
             h = h[:, :-1].reshape(-1, self.n_embd)
         return F.linear(h, weight)
 
+    def losses(self, h, we, plan):
+        """Cross-entropy of the next token at each of the plan's LM rows ([n_selected], float32),
+        without handing the logits out (`lm_head_losses`)."""
+        if plan is None or plan.lm_rows is None:
+            raise ValueError("LM losses need a BatchPlan that selects the LM rows (BatchPlan.build(..., lm=True))")
+        rows = h.reshape(-1, h.size(-1)).index_select(0, plan.lm_rows)
+        return lm_head_losses(rows, we, plan.lm_targets)
+
+
+LOGIT_ROW_ALIGNMENT = 16  # float32 elements: rows of the logits start on 64-byte boundaries
+
+
+def lm_head_losses(h, we, targets):
+    """F.cross_entropy(h @ we.T, targets, reduction="none") in fewer passes over the logits.
+
+    The [rows, vocab] logits are the largest tensors of a training step. Here they live in one
+    buffer whose rows start on 64-byte boundaries (a vocabulary of 40,558 rows does not: the three
+    matrix products then ran 1.3-1.5x slower on a CPU), and the backward turns that same buffer into
+    the gradient (softmax - one-hot) in place, with no log-softmax copy and no zero-filled gradient
+    of the logits (docs/speed.md). Under autocast it is the plain computation."""
+    if torch.is_autocast_enabled(h.device.type):
+        return F.cross_entropy(F.linear(h, we).float(), targets, reduction="none")
+    return _LMHeadLosses.apply(h, we, targets)
+
+
+class _LMHeadLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, we, targets):
+        n_rows, n_vocab = h.size(0), we.size(0)
+        stride = -(-n_vocab // LOGIT_ROW_ALIGNMENT) * LOGIT_ROW_ALIGNMENT
+        logits = h.new_empty(n_rows, stride)[:, :n_vocab]
+        torch.mm(h, we.t(), out=logits)
+        log_norm = torch.logsumexp(logits, dim=1)
+        losses = log_norm - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(h, we, targets, logits, log_norm)
+        ctx.spent = False
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.spent:  # the backward reuses the logits' memory for their gradient
+            raise RuntimeError("lm_head_losses: backward through the same graph twice is not supported")
+        ctx.spent = True
+        h, we, targets, logits, log_norm = ctx.saved_tensors
+        grad_logits = logits.sub_(log_norm.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))  # softmax * grad
+        grad_logits.scatter_add_(1, targets.unsqueeze(1), -grad.unsqueeze(1))  # minus the one-hot
+        grad_h = grad_logits @ we if ctx.needs_input_grad[0] else None
+        grad_we = grad_logits.t() @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_we, None
+
 
 def pool_classify_states(h, x, clf_token, plan=None):
     """Hidden state at the FIRST `clf_token` of each sequence, shape [N, n_embd] (docs/reference.md §2).
@@ -484,18 +537,25 @@ class DoubleHeadModel(nn.Module):
         self.lm_head = LMHead(self.transformer, cfg)
         self.task_head = make_task_head(task_head_type, clf_token, self.transformer.cfg)
 
-    def forward(self, x, mask=None, compute_lm=True, plan=None):
+    def forward(self, x, mask=None, compute_lm=True, plan=None, lm_losses=False):
         """mask: the mask M ([..., T], ones on real tokens). With it, padding is skipped and LM
         logits are computed only at the positions a loss uses (see LMHead); without it, the TF
         code's computation over every position. compute_lm=False skips the LM logits entirely
         (evaluation) and returns None for them. plan: a BatchPlan made on the host from X and M,
-        which replaces `mask` and every check that would wait for the device (training loops)."""
+        which replaces `mask` and every check that would wait for the device (training loops).
+        lm_losses=True (with a plan that selects LM rows): the LM cross-entropy of each selected
+        row in place of the logits (LMHead.losses: the faster way to train)."""
         we = self.transformer.embedding_matrix()
         h = self.transformer(x, we, mask=mask, plan=plan)
         if plan is not None:
             mask = None  # the plan says which LM rows to compute (none selected: every position)
-        lm_logits = self.lm_head(h, we, mask=mask, plan=plan) if compute_lm else None
-        return lm_logits, self.task_head(h, x, plan=plan)
+        if not compute_lm:
+            lm = None
+        elif lm_losses:
+            lm = self.lm_head.losses(h, we, plan)
+        else:
+            lm = self.lm_head(h, we, mask=mask, plan=plan)
+        return lm, self.task_head(h, x, plan=plan)
 
 
 class LMModel(nn.Module):
@@ -511,11 +571,15 @@ class LMModel(nn.Module):
             pos_emb_mask[:, :, -n_ctx:] = -1e12  # never predict a position row
             self.register_buffer("pos_emb_mask", pos_emb_mask, persistent=False)
 
-    def forward(self, x, plan=None):
+    def forward(self, x, plan=None, lm_losses=False):
         """LM logits at every position ([N, T, vocab]), or with a BatchPlan only at the positions whose
-        next token is real ([n_selected, vocab], as LMHead with a mask)."""
+        next token is real ([n_selected, vocab], as LMHead with a mask); lm_losses=True (with such a
+        plan): the cross-entropy of each of those rows instead (LMHead.losses)."""
         we = self.transformer.embedding_matrix()
-        lm_logits = self.lm_head(self.transformer(x, we, plan=plan), we, plan=plan)
+        h = self.transformer(x, we, plan=plan)
+        if lm_losses:
+            return self.lm_head.losses(h, we, plan)
+        lm_logits = self.lm_head(h, we, plan=plan)
         if self.return_probs:
             return F.softmax(lm_logits + self.pos_emb_mask, dim=-1)
         return lm_logits

@@ -14,10 +14,12 @@ layout is worked out on the host and the loss is read one update late (docs/spee
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import hashlib
 import json
 import os
+import platform
 import random
 import signal
 import sys
@@ -33,7 +35,7 @@ from tqdm import tqdm
 
 import analysis
 from datasets import DataError, rocstories, write_synthetic_rocstories
-from loss import MultipleChoiceLossCompute, lm_losses
+from loss import MultipleChoiceLossCompute, lm_losses, per_element_cross_entropy, sequence_means
 from model_pytorch import (
     ACT_FNS,
     BatchPlan,
@@ -409,15 +411,28 @@ class Runtime:
 
 
 def device_defaults(args, runtime):
-    """Batch sizes by device. A GPU runs a process's share of an update as ONE pass and evaluates
-    128 examples at a time. A CPU is faster with small passes: past about 8 stories a pass's
-    activations leave the CPU's caches, and one pass of 32 stories takes 1.4x as long as 4 passes of
-    8 (the TF code's towers; same objective), evaluation in batches of 128 1.4x as long as in 16
-    (docs/speed.md). Explicit flags win."""
-    cpu = runtime.device.type == "cpu"
+    """Batch sizes by device. Every device runs a process's share of an update as ONE pass unless
+    --micro_batch says otherwise (on a CPU with glibc's allocator told to keep freed memory, see
+    keep_freed_host_memory). Evaluation: 128 examples at a time on a GPU, 16 on a CPU (no faster
+    in larger batches there: docs/speed.md). Explicit flags win."""
     if args.eval_batch is None:
-        args.eval_batch = 16 if cpu else 128
-    return args.micro_batch or (args.n_batch if cpu else None)
+        args.eval_batch = 16 if runtime.device.type == "cpu" else 128
+    return args.micro_batch
+
+
+def keep_freed_host_memory():
+    """Have glibc's malloc keep freed blocks of any size for reuse instead of handing them back.
+
+    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it when freed, so
+    a CPU training pass whose activations are that large pays a page fault and a page clearing per
+    4 KiB the first time it touches each one, in every pass: one pass of 32 stories took 1.8x as
+    long as with this, and more than 4 passes of 8 (docs/speed.md). The process keeps its peak
+    memory instead. Linux with glibc only; elsewhere nothing changes. True when applied."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters of <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def setup_runtime(args):
@@ -426,6 +441,8 @@ def setup_runtime(args):
         device = torch.device(args.device)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_host_memory()
     if world == 1:
         return Runtime(device)
     if args.n_gpu % world:
@@ -622,12 +639,19 @@ def no_autocast(args, runtime):
 def batch_objective(model, batch, compute, args):
     """The training objective of one (micro-)batch: mean task loss + lm_coef * mean LM loss, or (a
     language model alone, compute None) the mean LM loss."""
+    row_losses = batch.plan is not None and batch.plan.lm_rows is not None  # the LM head's own losses
     if compute is None:
+        if row_losses:
+            return sequence_means(model(batch.X, plan=batch.plan, lm_losses=True), batch.plan).mean()
         lm_logits = model(batch.X, plan=batch.plan)
         return lm_losses(batch.X, batch.M, lm_logits.float(), plan=batch.plan).mean()
-    lm_logits, clf_logits = model(batch.X, compute_lm=args.lm_coef > 0, plan=batch.plan)
+    row_losses = row_losses and compute.lm_criterion is per_element_cross_entropy
+    lm, clf_logits = model(batch.X, compute_lm=args.lm_coef > 0, plan=batch.plan, lm_losses=row_losses)
+    if row_losses:
+        clf = compute.clf_losses(clf_logits.float(), batch.Y)
+        return compute.objective(clf, None if lm is None else sequence_means(lm, batch.plan))
     clf, lm = compute.losses(batch.X, batch.Y, batch.M, clf_logits.float(),
-                             None if lm_logits is None else lm_logits.float(), plan=batch.plan)
+                             None if lm is None else lm.float(), plan=batch.plan)
     return compute.objective(clf, lm)
 
 

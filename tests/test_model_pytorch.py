@@ -162,9 +162,19 @@ def test_explicit_attention_is_the_tf_formula():
 
 
 def test_gelu_is_tanh_form():
-    x = torch.linspace(-5, 5, 101, dtype=torch.float64)
-    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x.numpy() + 0.044715 * x.numpy() ** 3)))
-    torch.testing.assert_close(mp.gelu(x), torch.as_tensor(ref), rtol=0, atol=8e-15)  # measured 8.9e-16
+    """The fused kernel computes the TF formula, and its gradient is the formula's derivative."""
+    x = np.linspace(-8, 8, 2001)
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (x + 0.044715 * x ** 3))
+    ref = 0.5 * x * (1 + t)
+    ref_grad = 0.5 * (1 + t) + 0.5 * x * (1 - t ** 2) * c * (1 + 3 * 0.044715 * x ** 2)
+    # measured: float64 8.9e-16 (value) and 5.1e-15 (gradient); float32 5.4e-7 and 1.0e-6
+    for dtype, atol in ((torch.float64, 4e-14), (torch.float32, 8e-6)):
+        xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+        y = mp.gelu(xt)
+        y.sum().backward()
+        torch.testing.assert_close(y.double(), torch.as_tensor(ref), rtol=0, atol=atol)
+        torch.testing.assert_close(xt.grad.double(), torch.as_tensor(ref_grad), rtol=0, atol=atol)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -374,6 +384,69 @@ def test_lm_logits_restricted_to_masked_positions():
     torch.testing.assert_close(part, full[keep], rtol=0, atol=5e-7)
     torch.testing.assert_close(clf_a, clf_b, rtol=0, atol=1e-7)  # measured 0; values below 0.03
     assert model(x, compute_lm=False)[0] is None
+
+
+def numpy_lm_losses_and_grads(h, we, targets, grad):
+    """docs/reference.md §2's LM cross-entropy in float64 NumPy, and its gradients by hand."""
+    h, we, grad = (np.asarray(a, np.float64) for a in (h, we, grad))
+    logits = h @ we.T
+    top = logits.max(1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+    rows = np.arange(len(targets))
+    losses = log_norm - logits[rows, targets]
+    d_logits = np.exp(logits - log_norm[:, None]) * grad[:, None]
+    d_logits[rows, targets] -= grad
+    return losses, d_logits @ we, d_logits.T @ h
+
+
+@pytest.mark.parametrize("n_vocab", [37, 48])  # rows of the logits padded to 64 bytes, or not
+def test_lm_head_losses_equal_the_cross_entropy_formula(n_vocab):
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    we = (torch.randn(n_vocab, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, n_vocab, (23,))
+    grad = torch.rand(23)
+    losses = mp.lm_head_losses(h, we, targets)
+    losses.backward(grad)
+    ref, ref_h, ref_we = numpy_lm_losses_and_grads(h.detach(), we.detach(), targets.numpy(), grad)
+    # measured up to 5.9e-7 (losses up to 9), 2.2e-7 and 7.7e-7 (gradients)
+    torch.testing.assert_close(losses.double(), torch.as_tensor(ref), rtol=0, atol=5e-6)
+    torch.testing.assert_close(h.grad.double(), torch.as_tensor(ref_h), rtol=0, atol=3e-6)
+    torch.testing.assert_close(we.grad.double(), torch.as_tensor(ref_we), rtol=0, atol=3e-6)
+    again = mp.lm_head_losses(h, we, targets).sum()
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):  # its backward reuses the logits' memory
+        again.backward()
+
+
+def test_lm_head_losses_under_autocast_are_the_plain_computation():
+    h, we, targets = torch.randn(9, 16), torch.randn(40, 16), torch.randint(0, 40, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mp.lm_head_losses(h, we, targets)
+        expected = F.cross_entropy(F.linear(h, we).float(), targets, reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_model_lm_losses_equal_the_losses_of_its_logits():
+    """The training path (`lm_losses=True`) against the logits path, both heads, with a plan."""
+    from loss import lm_losses, sequence_means
+
+    model = tiny_model(cls=DoubleHeadModel).eval()
+    x = make_inputs(TINY["n_vocab"], N_SPECIAL, 10, (3, 2, 10))
+    mask = np.zeros((3, 2, 10), np.float32)
+    mask[..., :7] = 1
+    mask[1, 0, :9] = 1
+    x[..., 6, 0] = model.task_head.clf_token
+    x[1, 0, 6, 0], x[1, 0, 8, 0] = 5, model.task_head.clf_token
+    plan = mp.BatchPlan.build(x.numpy(), mask, model.task_head.clf_token)
+    logits, clf_a = model(x, plan=plan)
+    rows, clf_b = model(x, plan=plan, lm_losses=True)
+    expected = lm_losses(x, torch.from_numpy(mask), logits, plan=plan)
+    torch.testing.assert_close(sequence_means(rows, plan), expected, rtol=0, atol=2e-6)  # measured 4.8e-7
+    torch.testing.assert_close(clf_a, clf_b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="BatchPlan"):
+        model(x, lm_losses=True)
 
 
 def test_skipping_padding_leaves_real_tokens_unchanged():

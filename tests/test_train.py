@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -374,21 +375,53 @@ def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, m
     assert forwards and set(forwards) == {0}
 
 
-def test_one_pass_per_update_by_default_on_a_gpu_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
-    for device, micro_batch, eval_batch in (("cuda", None, 128), ("cpu", 4, 16)):
+def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
+    for device, eval_batch in (("cuda", 128), ("cpu", 16)):
         args = train.parse_args(arguments(setup, tmp_path))
         args.eval_batch = None  # the default
-        assert train.device_defaults(args, train.Runtime(torch.device(device))) == micro_batch  # None: one pass
+        assert train.device_defaults(args, train.Runtime(torch.device(device))) is None  # None: one pass
         assert args.eval_batch == eval_batch
     calls = []
     real = train.batch_objective
     monkeypatch.setattr(train, "batch_objective", lambda model, batch, *a: calls.append(len(batch.Y)) or
                         real(model, batch, *a))
-    assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1", "--micro_batch", "16")) == 0
-    assert calls == [16] * 5  # n_batch 4 x n_gpu 4 in one forward per update
+    assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1")) == 0
+    assert calls == [16] * 5  # n_batch 4 x n_gpu 4 in one forward per update, on this CPU too
     calls.clear()
-    assert train.main(arguments(setup, tmp_path / "cpu", "--n_iter", "1")) == 0
+    assert train.main(arguments(setup, tmp_path / "micro", "--n_iter", "1", "--micro_batch", "4")) == 0
     assert calls == [4] * 20
+
+
+KEEP_MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import train
+applied = train.keep_freed_host_memory() if sys.argv[1] == "keep" else False
+for _ in range(2):  # the first round may grow the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, allocated, touched and freed
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(applied, faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator only")
+def test_freed_host_memory_is_reused_without_page_faults(tmp_path):
+    """Without keep_freed_host_memory every 64 MiB block is a fresh mmap: 16,384 page faults to
+    touch it, each time; with it the second round reuses the heap."""
+    script = tmp_path / "probe.py"
+    script.write_text(KEEP_MEMORY_PROBE.format(root=str(ROOT)))
+    results = {}
+    for mode in ("keep", "default"):
+        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
+        applied, faults = out.stdout.split()
+        results[mode] = (applied, int(faults))
+    print(results)
+    assert results["keep"][0] == "True"
+    assert results["default"][1] > 5 * 10_000  # about 16,384 faults per block
+    assert results["keep"][1] < 1_000
 
 
 def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
