@@ -179,7 +179,7 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else torch.autocast(device.type, enabled=False)
 
 
-def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
+def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("update", "eval")):
     """Issue 9: one update of 32 stories (the paper's batch) and the evaluation of n_eval stories.
 
     ours: train.py's default (one pass per update); ours, plain: 4 towers of 8 with the speed-ups off
@@ -235,19 +235,20 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
             synchronize(device)
         return step
 
-    for amp in amps:
+    for amp in amps if "update" in parts else ():
         kind = "bf16" if amp else "fp32"
         variants = {"ours (one pass)": ours_step("ours", amp),
                     "transformers DoubleHeads + fused AdamW (one pass)": hf_step(amp),
                     "ours, plain (4 towers of 8)": ours_step("plain", amp)}
         compare(f"update of 32, {kind}", "ms", variants, repeats, work=None, seconds_scale=1000, warmup=2,
                 note=f"({int(tokens)} real of {32 * 2 * 77} tokens; {device.type})")
-    default_adamw = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01)
-    compare("step of 8 + optimizer", "ms",
-            {"ours": ours_step("ours", None, stories=8),
-             "transformers + AdamW, clipping (defaults)": hf_step(None, 8, default_adamw, foreach_clip=False)},
-            repeats, work=None, seconds_scale=1000, warmup=2,
-            note=f"(the earlier README's measure; fp32; {device.type})")
+    if "update" in parts:
+        default_adamw = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01)
+        compare("step of 8 + optimizer", "ms",
+                {"ours": ours_step("ours", None, stories=8),
+                 "transformers + AdamW, clipping (defaults)": hf_step(None, 8, default_adamw, foreach_clip=False)},
+                repeats, work=None, seconds_scale=1000, warmup=2,
+                note=f"(the earlier README's measure; fp32; {device.type})")
 
     EX, EM, _ = story_batch(n_eval, n_vocab, seed=2)
     eval_tokens = float(EM.sum())
@@ -267,7 +268,7 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval):
             torch.cat(outs).float().cpu()
         return run
 
-    for amp in amps:
+    for amp in amps if "eval" in parts else ():
         kind = "bf16" if amp else "fp32"
         compare(f"evaluate {n_eval}, {kind}", "real tokens/s",
                 {"ours": ours_eval(amp), "transformers DoubleHeads": hf_eval(amp)}, repeats, work=eval_tokens,
@@ -510,7 +511,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small model, under a minute")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
-                        help="comma-separated sections: forward,train,updates,optimizer,encode,load,run,generate")
+                        help="comma-separated sections: forward,train (updates and evaluation),eval (evaluation "
+                        "alone),updates,optimizer,encode,load,run,generate")
     parser.add_argument("--device", default="cpu", help="device of the train and run sections (cuda: the GPU checks)")
     parser.add_argument("--n_eval", type=int, default=None, help="stories evaluated in the train section "
                         "(default: 1871 on a GPU, 64 on a CPU)")
@@ -538,13 +540,14 @@ def main(argv=None):
         write_weights(size, tmp)
         if "forward" in sections:
             bench_forward(size, tmp, repeats)
-        if sections & {"train", "updates"}:
+        if sections & {"train", "eval", "updates"}:
             models = build_models(size, tmp)
-            if "train" in sections:
+            if sections & {"train", "eval"}:
                 device = torch.device(args.device)
                 amps = (None, "bf16") if device.type == "cuda" else (None,)
+                parts = ("update", "eval") if "train" in sections else ("eval",)
                 bench_train_and_eval(models, size, repeats, device, amps,
-                                     args.n_eval or (1871 if device.type == "cuda" else 64))
+                                     args.n_eval or (1871 if device.type == "cuda" else 64), parts)
             if "updates" in sections:
                 bench_updates(models, size, args.updates)
             del models
