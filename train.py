@@ -130,8 +130,7 @@ def build_parser():
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model (lengths bucketed; CUDA graphs on a GPU)")
     run.add_argument("--micro_batch", type=int, default=None,
-                     help="examples per forward pass (default: on a GPU a process's whole share of the update, "
-                          "on a CPU --n_batch)")
+                     help="examples per forward pass (default: a process's whole share of the update in one)")
     io.add_argument("--eval_batch", type=int, default=None,
                     help="examples per evaluation batch (default: 128 on a GPU, 16 on a CPU)")
     io.add_argument("--cache_dir", type=str, default=None,
@@ -410,14 +409,12 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def device_defaults(args, runtime):
-    """Batch sizes by device. Every device runs a process's share of an update as ONE pass unless
-    --micro_batch says otherwise (on a CPU with glibc's allocator told to keep freed memory, see
-    keep_freed_host_memory). Evaluation: 128 examples at a time on a GPU, 16 on a CPU (no faster
-    in larger batches there: docs/speed.md). Explicit flags win."""
+def default_eval_batch(args, runtime):
+    """--eval_batch by device: 128 examples at a time on a GPU, 16 on a CPU (no faster in larger
+    batches there: docs/speed.md). An explicit flag wins. (Training runs a process's share of an
+    update as one pass on every device unless --micro_batch says otherwise.)"""
     if args.eval_batch is None:
         args.eval_batch = 16 if runtime.device.type == "cpu" else 128
-    return args.micro_batch
 
 
 def keep_freed_host_memory():
@@ -639,19 +636,21 @@ def no_autocast(args, runtime):
 def batch_objective(model, batch, compute, args):
     """The training objective of one (micro-)batch: mean task loss + lm_coef * mean LM loss, or (a
     language model alone, compute None) the mean LM loss."""
-    row_losses = batch.plan is not None and batch.plan.lm_rows is not None  # the LM head's own losses
+    plan = batch.plan
+    # the LM head's own losses (lm_head_losses) wherever the plan selects the LM rows and the
+    # criterion is the default cross-entropy
+    row_losses = plan is not None and plan.lm_rows is not None and (
+        compute is None or compute.lm_criterion is per_element_cross_entropy)
     if compute is None:
         if row_losses:
-            return sequence_means(model(batch.X, plan=batch.plan, lm_losses=True), batch.plan).mean()
-        lm_logits = model(batch.X, plan=batch.plan)
-        return lm_losses(batch.X, batch.M, lm_logits.float(), plan=batch.plan).mean()
-    row_losses = row_losses and compute.lm_criterion is per_element_cross_entropy
-    lm, clf_logits = model(batch.X, compute_lm=args.lm_coef > 0, plan=batch.plan, lm_losses=row_losses)
+            return sequence_means(model(batch.X, plan=plan, lm_losses=True), plan).mean()
+        return lm_losses(batch.X, batch.M, model(batch.X, plan=plan).float(), plan=plan).mean()
+    lm, clf_logits = model(batch.X, compute_lm=args.lm_coef > 0, plan=plan, lm_losses=row_losses)
     if row_losses:
         clf = compute.clf_losses(clf_logits.float(), batch.Y)
-        return compute.objective(clf, None if lm is None else sequence_means(lm, batch.plan))
+        return compute.objective(clf, None if lm is None else sequence_means(lm, plan))
     clf, lm = compute.losses(batch.X, batch.Y, batch.M, clf_logits.float(),
-                             None if lm is None else lm.float(), plan=batch.plan)
+                             None if lm is None else lm.float(), plan=plan)
     return compute.objective(clf, lm)
 
 
@@ -878,7 +877,8 @@ def set_up(args, runtime, times):
 
     One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
     is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
-    run = Run(args, runtime, times, micro_batch=device_defaults(args, runtime))
+    default_eval_batch(args, runtime)
+    run = Run(args, runtime, times, micro_batch=args.micro_batch)
     random.seed(args.seed)
     torch.manual_seed(args.seed + runtime.rank)
     run.data_rng = np.random.RandomState(args.seed)

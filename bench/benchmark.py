@@ -36,7 +36,7 @@ from loss import MultipleChoiceLossCompute  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
 from opt import OpenAIAdam  # noqa: E402
 from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights  # noqa: E402
-from train import Runtime, keep_freed_host_memory, make_batch, predict_logits, train_update  # noqa: E402
+from train import Runtime, default_eval_batch, keep_freed_host_memory, make_batch, predict_logits, train_update  # noqa: E402
 
 N_SPECIAL = 3
 SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
@@ -200,9 +200,9 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
                              l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
     hf = models["hf"]
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01, fused=True)
-    cpu = device.type == "cpu"
-    eval_batch = 16 if cpu else 128  # train.py's default (device_defaults)
-    eval_args = Namespace(plain=False, amp=None, eval_batch=eval_batch, compile=False)
+    eval_args = Namespace(plain=False, amp=None, eval_batch=None, compile=False)
+    default_eval_batch(eval_args, runtime)  # train.py's default for the device
+    eval_batch = eval_args.eval_batch
     a = predict_logits(models["ours"], X, M, eval_args, runtime)
     b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=4), runtime)
     print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")

@@ -379,7 +379,8 @@ def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_
     for device, eval_batch in (("cuda", 128), ("cpu", 16)):
         args = train.parse_args(arguments(setup, tmp_path))
         args.eval_batch = None  # the default
-        assert train.device_defaults(args, train.Runtime(torch.device(device))) is None  # None: one pass
+        train.default_eval_batch(args, train.Runtime(torch.device(device)))
+        assert args.micro_batch is None  # None: one pass
         assert args.eval_batch == eval_batch
     calls = []
     real = train.batch_objective
