@@ -44,6 +44,7 @@ SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
     "quick": (2000, 128, 4, 2),
 }
 ROWS = []
+KEPT_HOST_MEMORY = False  # whether this process has malloc keep freed memory (train.keep_freed_host_memory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +278,30 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
                 note=f"(batches of {eval_batch}; {device.type})")
     for model in models.values():
         model.to("cpu")
+
+
+def bench_passes(models, size, repeats):
+    """One pass of 32 stories against 4 passes of 8 (ours, fp32, CPU), alternating. Run it once as
+    is and once with --glibc_malloc to see what keeping freed host memory changes."""
+    n_vocab = size[0]
+    X, M, Y = story_batch(32, n_vocab, seed=1)
+    runtime = Runtime(torch.device("cpu"))
+    compute = MultipleChoiceLossCompute(lm_coef=0.5)
+    model = models["ours"].train()
+    opt = OpenAIAdam(model.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
+                     l2=0.01, max_grad_norm=1)
+    args = Namespace(plain=False, lm_coef=0.5, amp=None)
+
+    def update(size):
+        def step():
+            batches = [make_batch(X[k:k + size], M[k:k + size], Y[k:k + size], n_vocab + 2, runtime.device,
+                                  "trimmed") for k in range(0, 32, size)]
+            train_update(model, batches, compute, opt, None, args, runtime)
+        return step
+
+    kept = "kept" if KEPT_HOST_MEMORY else "glibc's default"
+    variants = {"ours, one pass of 32": update(32), "ours, 4 passes of 8": update(8)}
+    compare(f"update of 32, malloc {kept}", "ms", variants, repeats, work=None, seconds_scale=1000, note="(fp32; cpu)")
 
 
 def bench_updates(models, size, n_updates):
@@ -514,13 +539,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small model, under a minute")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
                         help="comma-separated sections: forward,train (updates and evaluation),eval (evaluation "
-                        "alone),updates,optimizer,encode,load,run,generate")
+                        "alone),updates,passes,optimizer,encode,load,run,generate")
     parser.add_argument("--device", default="cpu", help="device of the train and run sections (cuda: the GPU checks)")
     parser.add_argument("--n_eval", type=int, default=None, help="stories evaluated in the train section "
                         "(default: 1871 on a GPU, 64 on a CPU)")
     parser.add_argument("--amps", default=None, help="precisions of the train and eval sections, e.g. fp32,bf16 "
                         "(default: fp32,bf16 on a GPU, fp32 on a CPU; bf16 on a CPU pays off where it has "
                         "AVX512-BF16 or AMX)")
+    parser.add_argument("--glibc_malloc", action="store_true",
+                        help="leave glibc's malloc as it is (train.py has it keep freed memory on a CPU)")
     parser.add_argument("--run_args", default="", help="extra train.py flags for the run section, e.g. '--amp bf16'")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
@@ -537,7 +564,8 @@ def main(argv=None):
     sections = set(args.only.split(","))
     gpu = f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if args.device.startswith("cuda") else ""
     # as train.py does on a CPU; both ours and transformers run in this process, so both gain
-    kept = keep_freed_host_memory() if not args.device.startswith("cuda") else False
+    global KEPT_HOST_MEMORY
+    KEPT_HOST_MEMORY = kept = not args.device.startswith("cuda") and not args.glibc_malloc and keep_freed_host_memory()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}; "
           f"model {'quick' if args.quick else 'full'} {size}; freed host memory kept for reuse: {kept}")
@@ -545,7 +573,7 @@ def main(argv=None):
         write_weights(size, tmp)
         if "forward" in sections:
             bench_forward(size, tmp, repeats)
-        if sections & {"train", "eval", "updates"}:
+        if sections & {"train", "eval", "updates", "passes"}:
             models = build_models(size, tmp)
             if sections & {"train", "eval"}:
                 device = torch.device(args.device)
@@ -556,6 +584,8 @@ def main(argv=None):
                                      args.n_eval or (1871 if device.type == "cuda" else 64), parts)
             if "updates" in sections:
                 bench_updates(models, size, args.updates)
+            if "passes" in sections:
+                bench_passes(models, size, repeats)
             del models
         if "optimizer" in sections:
             bench_optimizer(size, repeats)
