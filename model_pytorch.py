@@ -405,8 +405,8 @@ def lm_head_losses(h, we, targets):
     """F.cross_entropy(h @ we.T, targets, reduction="none") in fewer passes over the logits.
 
     The [rows, vocab] logits are the largest tensors of a training step. Here they live in one
-    buffer whose rows start on 64-byte boundaries (a vocabulary of 40,558 rows does not: the three
-    matrix products then ran 1.3-1.5x slower on a CPU), and the backward turns that same buffer into
+    buffer whose rows start on 64-byte boundaries (with a vocabulary of 40,558 rows they would not,
+    and the three matrix products run slower on a CPU), and the backward turns that same buffer into
     the gradient (softmax - one-hot) in place, with no log-softmax copy and no zero-filled gradient
     of the logits (docs/speed.md). Under autocast it is the plain computation."""
     if torch.is_autocast_enabled(h.device.type):

@@ -422,9 +422,9 @@ def keep_freed_host_memory():
 
     By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it when freed, so
     a CPU training pass whose activations are that large pays a page fault and a page clearing per
-    4 KiB the first time it touches each one, in every pass: one pass of 32 stories took 1.8x as
-    long as with this, and more than 4 passes of 8 (docs/speed.md). The process keeps its peak
-    memory instead. Linux with glibc only; elsewhere nothing changes. True when applied."""
+    4 KiB the first time it touches each one, in every pass (docs/speed.md has the figures). The
+    process keeps its peak memory instead. Linux with glibc only; elsewhere nothing changes. True
+    when applied."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
