@@ -431,8 +431,11 @@ def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
     assert train.main(arguments(setup, towers, *NO_DROPOUT, "--micro_batch", "4")) == 0
     a, b = final_state(one)["model"], final_state(towers)["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
-    print(f"one pass vs 4 micro-batches: max parameter difference {worst:.1e}")  # measured 2.0e-7
-    assert worst <= 1e-6
+    print(f"one pass vs 4 micro-batches: max parameter difference {worst:.1e}")
+    # Measured 2.0e-7 to 4.9e-7 on an AMD Zen 4 and 1.6e-6 on CI's machine: the float32 sums run in another
+    # order there. Training moves a weight by up to 4.5e-3 in these 10 updates (measured against --lr 0), so
+    # the bound the other equivalence tests use, 1e-5, is still under 1/400 of that movement.
+    assert worst <= 1e-5
 
 
 def param_casts(model, fn):
