@@ -426,16 +426,16 @@ def test_freed_host_memory_is_reused_without_page_faults(tmp_path):
 
 
 def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
+    """At the paper's learning rate, as the objective is the same: the float32 sums only run in another order.
+    (At this file's lr of 1e-3 the rounding differences grow with the steps: 2.4e-7 here, 1.6e-6 on CI's CPU.)"""
     one, towers = tmp_path / "one", tmp_path / "towers"
-    assert train.main(arguments(setup, one, *NO_DROPOUT, "--micro_batch", "16")) == 0
-    assert train.main(arguments(setup, towers, *NO_DROPOUT, "--micro_batch", "4")) == 0
+    paper_lr = ["--lr", "6.25e-5"]
+    assert train.main(arguments(setup, one, *NO_DROPOUT, *paper_lr, "--micro_batch", "16")) == 0
+    assert train.main(arguments(setup, towers, *NO_DROPOUT, *paper_lr, "--micro_batch", "4")) == 0
     a, b = final_state(one)["model"], final_state(towers)["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
     print(f"one pass vs 4 micro-batches: max parameter difference {worst:.1e}")
-    # Measured 2.0e-7 to 4.9e-7 on an AMD Zen 4 and 1.6e-6 on CI's machine: the float32 sums run in another
-    # order there. Training moves a weight by up to 4.5e-3 in these 10 updates (measured against --lr 0), so
-    # the bound the other equivalence tests use, 1e-5, is still under 1/400 of that movement.
-    assert worst <= 1e-5
+    assert worst <= 1e-6  # measured 1.7e-8 to 6.0e-8 (a rounding step of a gain near 1); training moves 2.8e-4
 
 
 def param_casts(model, fn):
