@@ -1162,9 +1162,10 @@ def read_checkpoint(path):
         raise WeightsError(f"checkpoint file {path!r} does not exist")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            return load_file(path), {}
+            return _read_safetensors(path)
         saved = torch.load(path, map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
     except Exception as err:  # both libraries raise their own error types
         raise WeightsError(f"{path}: cannot be read as a checkpoint ({err})") from None
     if isinstance(saved, Mapping) and isinstance(saved.get("model"), Mapping):
@@ -1172,6 +1173,22 @@ def read_checkpoint(path):
     if isinstance(saved, Mapping) and all(isinstance(v, torch.Tensor) for v in saved.values()):
         return dict(saved), {}
     raise WeightsError(f"{path}: expected a state dict or a train.py checkpoint holding one under 'model'")
+
+
+def _read_safetensors(path):
+    """The tensors and the arguments train.py records in the metadata (none in files from elsewhere)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        recorded = (f.metadata() or {}).get("args")
+    try:
+        args = json.loads(recorded) if recorded else {}
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: the 'args' metadata is not JSON ({err})") from None
+    if not isinstance(args, dict):
+        raise WeightsError(f"{path}: the 'args' metadata should be a JSON object, got {type(args).__name__}")
+    return state, args
 
 
 def _resolve_n_head(n_head, n_embd, recorded, source):

@@ -521,10 +521,14 @@ class BackgroundWriter:
             raise RunError(f"writing a checkpoint failed: {err}")
 
 
-def save_best_params(state, path):
+def save_best_params(state, path, args=None):
+    """The parameters as safetensors; `args` (the run's arguments) go into the file's metadata as JSON, so
+    a model can be rebuilt from the file alone (n_head, afn; model_pytorch.read_checkpoint)."""
     from safetensors.torch import save_file
 
-    atomic_save({k: v.contiguous() for k, v in state.items()}, path, saver=save_file)
+    metadata = {"args": json.dumps(args, default=str)} if args is not None else None
+    atomic_save({k: v.contiguous() for k, v in state.items()}, path,
+                saver=lambda tensors, file: save_file(tensors, file, metadata=metadata))
 
 
 def load_best_params(model, path):
@@ -956,7 +960,7 @@ def start_log(run, ckpt):
     else:
         run.logger = ResultLogger(run.log_path, **vars(args))
     if args.submit and not os.path.exists(run.best_path):
-        save_best_params(host_copy(model_state(run.model)), run.best_path)
+        save_best_params(host_copy(model_state(run.model)), run.best_path, vars(args))
     n_batch_train = args.n_batch * args.n_gpu
     sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
     tqdm.write(f"{data.task.title}: {sizes} examples; n_ctx {data.n_ctx}; {run.n_updates_total} updates "
@@ -1086,7 +1090,7 @@ def log_point(run):
     if score is not None and args.submit and score > progress.best_score:
         progress.best_score = score
         with run.times("checkpoint writing"):
-            run.writer.submit(save_best_params, host_copy(model_state(run.model)), run.best_path)
+            run.writer.submit(save_best_params, host_copy(model_state(run.model)), run.best_path, vars(args))
 
 
 def save_checkpoint(run):

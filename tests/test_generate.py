@@ -1,6 +1,8 @@
 """Generation: the KV cache against re-running the prefix with the ordinary forward, the sampler
 against an explicit NumPy restatement, the rows that may come out, n_ctx, checkpoints and the CLI."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -207,11 +209,28 @@ def test_a_fine_tuned_checkpoint_generates_as_the_model_it_came_from(tmp_path):
     assert generate(loaded, PROMPTS, N_VOCAB, **kw).tokens == generate(model, PROMPTS, N_VOCAB, **kw).tokens
 
 
-def test_train_checkpoint_records_n_head(tmp_path):
+def test_train_checkpoints_record_n_head(tmp_path):
+    from train import host_copy, model_state, save_best_params
+
     model, _ = fine_tuned(tmp_path)
-    torch.save(dict(model=model.state_dict(), args=dict(n_head=TINY_HEADS, afn="gelu")), tmp_path / "checkpoint.pt")
-    loaded = load_lm(str(tmp_path / "checkpoint.pt"), N_VOCAB)  # no n_head given: read from the args
-    assert loaded.transformer.cfg.n_head == TINY_HEADS
+    args = dict(n_head=TINY_HEADS, afn="gelu")
+    torch.save(dict(model=model.state_dict(), args=args), tmp_path / "checkpoint.pt")
+    save_best_params(host_copy(model_state(model)), str(tmp_path / "best.safetensors"), args)
+    for name in ("checkpoint.pt", "best.safetensors"):
+        loaded = load_lm(str(tmp_path / name), N_VOCAB)  # no n_head given: read from the args
+        assert loaded.transformer.cfg.n_head == TINY_HEADS, name
+
+
+@pytest.mark.parametrize("args, message", [("{n_head: 4", "the 'args' metadata is not JSON"),
+                                           ("[4]", "the 'args' metadata should be a JSON object, got list")])
+def test_unreadable_recorded_args_are_a_clear_error(tmp_path, args, message):
+    from safetensors.torch import load_file, save_file
+
+    _, best = fine_tuned(tmp_path)
+    path = tmp_path / "odd.safetensors"
+    save_file(load_file(best), str(path), metadata={"args": args})
+    with pytest.raises(WeightsError, match=f"odd.safetensors: {re.escape(message)}"):
+        load_lm(str(path), N_VOCAB)
 
 
 def test_checkpoint_of_the_wrong_vocabulary_is_a_clear_error(tmp_path):

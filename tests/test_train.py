@@ -16,6 +16,7 @@ import analysis
 import train
 from conftest import ROOT
 from datasets import ROC_TEST, rocstories, rocstories_test_labels, write_synthetic_rocstories
+from model_pytorch import read_checkpoint
 from random_weights import write_openai_weights
 from text_utils import learn_bpe
 
@@ -78,6 +79,8 @@ def test_end_to_end_outputs_are_consistent(setup, tmp_path, capsys):
     from safetensors.torch import load_file
     best = load_file(tmp_path / "save" / "run" / "best_params.safetensors")
     assert "transformer.h.1.attn.c_attn.w" in best and "task_head.linear.weight" in best
+    recorded = read_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"))[1]
+    assert recorded["n_head"] == 4 and recorded["dataset"] == "rocstories"  # the run's arguments, as JSON
     png = analysis.plot_learning_curve(str(tmp_path / "log" / "run.jsonl"), str(tmp_path / "curve.png"))
     assert os.path.getsize(png) > 1000
 
