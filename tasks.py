@@ -331,15 +331,23 @@ class Task:
 
     # -- data --------------------------------------------------------------------------------------
     def locate(self, data_dir):
-        """The task's folder: data_dir itself, or the folder as distributed inside it."""
+        """The task's folder: data_dir itself, or the folder as distributed inside it.
+
+        When neither holds every file, the error names what the task's folder inside data_dir lacks
+        if data_dir holds none of the files itself (a parent folder with a half-copied task folder):
+        listing every file as missing from the parent would hide the one that is.
+        """
         candidates = [data_dir, os.path.join(data_dir, self.folder)]
         for folder in candidates:
             if all(glob.glob(os.path.join(glob.escape(folder), f)) for s in self.sources for f in s.files):
                 return folder
         expected = [f for s in self.sources for f in s.files]
-        missing = [f for f in expected if not glob.glob(os.path.join(glob.escape(data_dir), f))]
-        where = "does not exist" if not os.path.isdir(data_dir) else f"lacks {', '.join(missing)}"
-        raise DataError(f"{data_dir!r} is not the {self.title} folder: it {where}. Expected {', '.join(expected)} "
+        lacks = lambda folder: [f for f in expected if not glob.glob(os.path.join(glob.escape(folder), f))]
+        folder, missing = data_dir, lacks(data_dir)
+        if len(missing) == len(expected) and os.path.isdir(candidates[1]):
+            folder, missing = candidates[1], lacks(candidates[1])
+        where = "does not exist" if not os.path.isdir(folder) else f"lacks {', '.join(missing)}"
+        raise DataError(f"{folder!r} is not the {self.title} folder: it {where}. Expected {', '.join(expected)} "
                         f"(in the folder {self.folder}/ as distributed, or in a folder holding {self.folder}/). "
                         f"{self.obtain}")
 

@@ -301,6 +301,17 @@ def test_not_the_tasks_folder_names_the_expected_files(synthetic, tmp_path):
         get_task("snli").read(synthetic[1]["scitail"])
 
 
+def test_parent_folder_with_an_incomplete_task_folder_names_what_it_lacks(tmp_path):
+    folder = copy_folder("mnli", tmp_path)  # tmp_path/MNLI, as a GLUE download holds it
+    os.remove(os.path.join(folder, "test_mismatched.tsv"))
+    with pytest.raises(DataError, match=rf"^{re.escape(repr(folder))} is not the MNLI folder: it lacks "
+                                        r"test_mismatched.tsv\. Expected train.tsv"):
+        get_task("mnli").read(str(tmp_path))
+    os.remove(os.path.join(folder, "train.tsv"))  # the task's folder itself: what it lacks, as before
+    with pytest.raises(DataError, match=r"MNLI' is not the MNLI folder: it lacks train.tsv, test_mismatched.tsv\."):
+        get_task("mnli").read(folder)
+
+
 def test_not_utf8_and_unknown_task(tmp_path):
     folder = copy_folder("rte", tmp_path)
     with open(os.path.join(folder, "dev.tsv"), "ab") as f:
