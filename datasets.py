@@ -128,6 +128,9 @@ def _rocstories(path, labelled=True):
 
 
 def _require_files(data_dir, names, hint):
+    if os.path.isfile(data_dir):  # one of the files given for its folder: it exists, so not "does not exist"
+        raise DataError(f"data folder {data_dir!r} is a file; --data_dir is the folder that holds: "
+                        f"{', '.join(names)}. {hint}")
     if not os.path.isdir(data_dir):
         raise DataError(f"data folder {data_dir!r} does not exist; it must hold: {', '.join(names)}. {hint}")
     missing = [n for n in names if not os.path.isfile(os.path.join(data_dir, n))]

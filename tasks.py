@@ -346,7 +346,12 @@ class Task:
         folder, missing = data_dir, lacks(data_dir)
         if len(missing) == len(expected) and os.path.isdir(candidates[1]):
             folder, missing = candidates[1], lacks(candidates[1])
-        where = "does not exist" if not os.path.isdir(folder) else f"lacks {', '.join(missing)}"
+        if os.path.isfile(folder):  # a data file given for its folder: it exists, so not "does not exist"
+            where = "is a file; --data_dir is the folder that holds the files"
+        elif not os.path.isdir(folder):
+            where = "does not exist"
+        else:
+            where = f"lacks {', '.join(missing)}"
         raise DataError(f"{folder!r} is not the {self.title} folder: it {where}. Expected {', '.join(expected)} "
                         f"(in the folder {self.folder}/ as distributed, or in a folder holding {self.folder}/). "
                         f"{self.obtain}")
@@ -662,7 +667,8 @@ class LanguageModelTask:
             return [train], [valid]
         found = sorted(glob.glob(os.path.join(glob.escape(data_dir), "**", "*.txt"), recursive=True))
         if not found:
-            where = "does not exist" if not os.path.isdir(data_dir) else "holds no *.txt file"
+            where = ("is a file, not a folder" if os.path.isfile(data_dir) else
+                     "does not exist" if not os.path.isdir(data_dir) else "holds no *.txt file")
             raise DataError(f"{data_dir!r} {where}: --dataset lm reads plain text files (*.txt, UTF-8), or "
                             "train.txt and valid.txt")
         return found, []

@@ -111,6 +111,9 @@ def test_missing_folder_and_files(tmp_path):
     os.remove(tmp_path / ROC_TEST)
     with pytest.raises(DataError, match=r"lacks 'cloze_test_test__spring2016 - cloze_test_ALL_test.csv'"):
         rocstories(tmp_path)
+    with pytest.raises(DataError, match=r"data folder .*ALL_val.csv' is a file; --data_dir is the folder that holds: "
+                                        r"cloze_test_val"):
+        rocstories(str(tmp_path / ROC_VAL))
 
 
 def test_header_and_encoding_errors(tmp_path):

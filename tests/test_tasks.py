@@ -312,6 +312,17 @@ def test_parent_folder_with_an_incomplete_task_folder_names_what_it_lacks(tmp_pa
         get_task("mnli").read(folder)
 
 
+def test_a_data_file_given_as_the_folder_is_named_a_file(synthetic, tmp_path):
+    path = os.path.join(synthetic[1]["sst2"], "train.tsv")
+    with pytest.raises(DataError, match=rf"^{re.escape(repr(path))} is not the SST-2 folder: it is a file; --data_dir "
+                                        r"is the folder that holds the files\. Expected train.tsv"):
+        get_task("sst2").read(path)
+    text = tmp_path / "corpus.txt"
+    text.write_text("one line of text\n" * 5, encoding="utf-8")
+    with pytest.raises(DataError, match=r"corpus.txt' is a file, not a folder: --dataset lm reads plain text files"):
+        get_task("lm").read(str(text))
+
+
 def test_not_utf8_and_unknown_task(tmp_path):
     folder = copy_folder("rte", tmp_path)
     with open(os.path.join(folder, "dev.tsv"), "ab") as f:
