@@ -219,13 +219,31 @@ def _race_questions(path, task):
     keys = ("article", "questions", "options", "answers")
     if not isinstance(doc, dict) or any(k not in doc for k in keys):
         raise DataError(f"{path}: expected a JSON object with {', '.join(keys)}")
+    # Wrong JSON types are errors here: len() of a number would crash, a string would pass as a list of
+    # characters, and null would become the text "None".
+    if not isinstance(doc["article"], str):
+        raise DataError(f"{path}: the article is {_json_type(doc['article'])}; expected a string")
+    for key in keys[1:]:
+        if not isinstance(doc[key], list):
+            raise DataError(f"{path}: {key} is {_json_type(doc[key])}; expected a list, one entry per question")
     if not len(doc["questions"]) == len(doc["options"]) == len(doc["answers"]):
         raise DataError(f"{path}: {len(doc['questions'])} questions, {len(doc['options'])} option lists and "
                         f"{len(doc['answers'])} answers; expected as many of each")
     for q, (question, options, answer) in enumerate(zip(doc["questions"], doc["options"], doc["answers"]), 1):
-        if len(options) != task.n_choices:
-            raise DataError(f"{path}, question {q}: expected {task.n_choices} options, found {len(options)}")
+        if not isinstance(options, list) or len(options) != task.n_choices:
+            found = len(options) if isinstance(options, list) else _json_type(options)
+            raise DataError(f"{path}, question {q}: expected {task.n_choices} options, found {found}")
+        if not all(isinstance(text, str) for text in (question, *options)):
+            raise DataError(f"{path}, question {q}: the question and its options must be strings")
         yield doc["article"], question, options, task.label_id(str(answer), path, f"question {q}")
+
+
+def _json_type(value):
+    """How JSON names a value's type, for errors: 'null', 'a number', 'a string' ..."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _race_sort_key(path):

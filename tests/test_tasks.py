@@ -274,6 +274,10 @@ def test_snli_errors_name_file_and_line(tmp_path):
     (lambda d: d["options"][0].pop(), r"question 1: expected 4 options, found 3"),
     (lambda d: d["answers"].__setitem__(0, "E"), r"question 1: label 'E' is not one of A, B, C, D"),
     (lambda d: d.pop("article"), r"expected a JSON object with article, questions, options, answers"),
+    (lambda d: d.__setitem__("questions", 3), r"questions is a number; expected a list, one entry per question"),
+    (lambda d: d.__setitem__("article", None), r"the article is null; expected a string"),
+    (lambda d: d["options"].__setitem__(0, "ABCD"), r"question 1: expected 4 options, found a string"),
+    (lambda d: d["options"][0].__setitem__(2, None), r"question 1: the question and its options must be strings"),
 ])
 def test_race_errors_name_file_and_question(tmp_path, change, match):
     folder = copy_folder("race", tmp_path)
