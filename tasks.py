@@ -267,6 +267,8 @@ def _read_race(folder, source, task):
                     choice.append(str(option).strip())
                 labels.append(label)
         groups[source.title.replace(task.title, f"{task.title}-{level[0]}", 1)] = np.arange(start, len(labels))
+    if not labels:  # files whose question lists are all empty: an empty split would fail deep in training
+        raise DataError(f"{folder}: no questions in {' or '.join(source.files)}")
     return Split((articles, questions, *options), task.label_array(labels), source.title, groups=groups)
 
 

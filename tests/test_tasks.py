@@ -291,6 +291,15 @@ def test_race_errors_name_file_and_question(tmp_path, change, match):
         get_task("race").read(folder)
 
 
+def test_race_split_without_questions(tmp_path):
+    folder = copy_folder("race", tmp_path)
+    for path in glob.glob(os.path.join(folder, "dev", "*", "*.txt")):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"article": "A text.", "questions": [], "options": [], "answers": []}, f)
+    with pytest.raises(DataError, match=r"RACE: no questions in dev/middle/\*.txt or dev/high/\*.txt$"):
+        get_task("race").read(folder)
+
+
 def test_not_the_tasks_folder_names_the_expected_files(synthetic, tmp_path):
     with pytest.raises(DataError, match=r"is not the MNLI folder: it lacks train.tsv, dev_matched.tsv, "
                                         r"dev_mismatched.tsv, test_matched.tsv, test_mismatched.tsv.*gluebenchmark"):
