@@ -201,6 +201,10 @@ def _read_snli(folder, source, task):
         if pair["gold_label"] == "-":
             dropped += 1
             continue
+        not_text = [k for k in ("sentence1", "sentence2") if not isinstance(pair[k], str)]
+        if not_text:  # null (pandas writes NaN so) or a number: str() would train on the text "None"
+            raise DataError(f"{path}, line {line_no}: {', '.join(not_text)} is {_json_type(pair[not_text[0]])}; "
+                            "expected a string")
         labels.append(task.label_id(str(pair["gold_label"]), path, line_no))
         premises.append(str(pair["sentence1"]).strip())
         hypotheses.append(str(pair["sentence2"]).strip())

@@ -265,6 +265,10 @@ def test_snli_errors_name_file_and_line(tmp_path):
                                         "and gold_label; sentence2 missing"):
         get_task("snli").read(folder)
     with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"sentence1": "a", "sentence2": None, "gold_label": "neutral"}) + "\n")
+    with pytest.raises(DataError, match=r"snli_1.0_dev.jsonl, line 1: sentence2 is null; expected a string$"):
+        get_task("snli").read(folder)
+    with open(path, "w", encoding="utf-8") as f:
         f.write('{"sentence1": "a",\n')
     with pytest.raises(DataError, match=r"snli_1.0_dev.jsonl, line 1: not a JSON object"):
         get_task("snli").read(folder)
