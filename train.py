@@ -898,7 +898,7 @@ def set_up(args, runtime, times):
     data = run.data
     if data.n_ctx > n_positions:
         raise RunError(f"the data needs n_ctx={data.n_ctx} positions but the weights have only {n_positions}; "
-                       f"pass --n_ctx {n_positions} to cut stories and endings")
+                       f"pass --n_ctx {n_positions} to cut the longer examples (docs/tasks.md's cut rule)")
     vocab = data.specials.n_vocab + data.specials.n_special + data.n_ctx
     for name, (X, M, _) in data.splits.items():  # once, on the host: no check inside an update
         check_split(name, X, M, vocab, data.specials.clf_token)

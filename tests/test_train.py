@@ -186,6 +186,21 @@ def test_n_ctx_too_large_for_the_position_table(setup, tmp_path, capsys):
     expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 16; pass --n_ctx 16", capsys)
 
 
+def test_n_ctx_too_large_for_the_position_table_names_no_stories_for_another_task(tmp_path, capsys):
+    import tasks
+
+    data = tasks.write_synthetic("sst2", str(tmp_path / "data"), 16, 8, 8, seed=1)
+    texts = tasks.get_task("sst2").read(data)["train"].texts[0]
+    encoder = learn_bpe(texts, str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"), vocab_size=300,
+                        min_frequency=1)
+    write_openai_weights(tmp_path / "w", n_vocab=len(encoder.encoder), n_ctx=8, n_embd=32, n_layer=2)
+    argv = ["--dataset", "sst2", "--data_dir", data, "--model_path", str(tmp_path / "w"),
+            "--encoder_path", str(tmp_path / "encoder.json"), "--bpe_path", str(tmp_path / "vocab.bpe"),
+            "--log_dir", str(tmp_path / "log"), "--save_dir", str(tmp_path / "save"), *SIZES]
+    expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 8; pass --n_ctx 8 to cut "
+                         r"the longer examples \(docs/tasks.md's cut rule\)$", capsys)
+
+
 def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(setup, tmp_path, capsys):
     argv = arguments(setup, tmp_path, "--submit", "--lr", "1e30", "--max_grad_norm", "0")
     expect_failure(argv, r"the training loss became (nan|inf) at update \d+; the run is stopped", capsys)
