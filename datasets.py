@@ -113,15 +113,20 @@ def _rocstories(path, labelled=True):
     n_columns = len(header)
     stories, endings1, endings2, labels = [], [], [], []
     for line_no, row in rows:
-        row = _trim(row)
-        unlabelled_row = not labelled and n_columns == ROC_COLUMNS and len(row) == ROC_COLUMNS - 1
+        # Empty cells past the header are dropped (spreadsheet exports add them); those within it count,
+        # so an empty ending or right ending is named as such, not as a missing column.
+        row = _trim(row) if len(_trim(row)) > n_columns else row[:n_columns]
+        blind = len(row) == ROC_COLUMNS and not row[7].strip()  # an empty right ending (a blind test file)
+        unlabelled_row = not labelled and n_columns == ROC_COLUMNS and (len(row) == ROC_COLUMNS - 1 or blind)
         if len(row) != n_columns and not unlabelled_row:
             raise DataError(f"{path}, line {line_no}: expected {n_columns} columns, found {len(row)}")
         sentences = [_nonempty(path, line_no, s, f"sentence {i + 1}") for i, s in enumerate(row[1:5])]
         stories.append(" ".join(sentences))
         endings1.append(_nonempty(path, line_no, row[5], "ending 1"))
         endings2.append(_nonempty(path, line_no, row[6], "ending 2"))
-        labels.append(_label(path, line_no, row[7], ["1", "2"]) if len(row) == ROC_COLUMNS else None)
+        if len(row) == ROC_COLUMNS and labelled:
+            _nonempty(path, line_no, row[7], "right ending (1 or 2)")
+        labels.append(_label(path, line_no, row[7], ["1", "2"]) if len(row) == ROC_COLUMNS and not blind else None)
     if not stories:
         raise DataError(f"{path}: no stories after the header")
     return stories, endings1, endings2, (None if None in labels else labels)

@@ -94,6 +94,8 @@ def test_test_file_without_labels(tmp_path):
     (lambda rows: rows[1].__setitem__(7, "3"), r"line 3: label '3' is not one of 1, 2"),
     (lambda rows: rows[0].__setitem__(2, "  "), r"line 2: the sentence 2 is empty"),
     (lambda rows: rows[3].__setitem__(6, ""), r"line 5: the ending 2 is empty"),
+    (lambda rows: rows[1].__setitem__(7, ""), r"line 3: the right ending \(1 or 2\) is empty"),
+    (lambda rows: rows[1].__setitem__(slice(6, 8), ["", ""]), r"line 3: the ending 2 is empty"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, mutate, match):
     write_synthetic_rocstories(tmp_path, n_val=10, n_test=3)
