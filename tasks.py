@@ -333,6 +333,8 @@ class Task:
     redundant parameter row removed).
     """
 
+    cut_rule = "longer examples are cut by the rule in docs/tasks.md"  # for messages about --n_ctx
+
     name: str                  # the --dataset value
     title: str                 # the report name: "SST-2"
     folder: str                # the folder as distributed: "SST-2", "snli_1.0", "SciTailV1.1", "RACE"
@@ -366,7 +368,9 @@ class Task:
             if all(glob.glob(os.path.join(glob.escape(folder), f)) for s in self.sources for f in s.files):
                 return folder
         expected = [f for s in self.sources for f in s.files]
-        lacks = lambda folder: [f for f in expected if not glob.glob(os.path.join(glob.escape(folder), f))]
+        def lacks(folder):
+            return [f for f in expected if not glob.glob(os.path.join(glob.escape(folder), f))]
+
         folder, missing = data_dir, lacks(data_dir)
         if len(missing) == len(expected) and os.path.isdir(candidates[1]):
             folder, missing = candidates[1], lacks(candidates[1])
@@ -636,6 +640,7 @@ class RocStoriesTask(Task):
     ROCStories.tsv (0 or 1: the index of the right ending); story and each ending cut to
     max_tokens // 2 - 2 tokens apiece."""
 
+    cut_rule = "the story and each ending are cut to n_ctx // 2 - 2 tokens, as the original does"
     n_valid: int = 374
 
     def read(self, data_dir):
@@ -679,6 +684,7 @@ class LanguageModelTask:
     for validation. The metric is perplexity: exp of the mean next-token loss.
     """
 
+    cut_rule = "the text is cut into sequences of n_ctx tokens"
     name: str = "lm"
     title: str = "LM"
     metric_names: tuple = ("Perplexity",)

@@ -336,7 +336,7 @@ def load_task_data(args, text_encoder, task):
             raise RunError(f"--n_ctx {args.n_ctx}: {err}") from None
         n_cut += cut
     if n_cut:
-        tqdm.write(f"{n_cut} examples were cut to fit --n_ctx {args.n_ctx} (see the cut rule in docs/tasks.md)")
+        tqdm.write(f"{n_cut} examples were cut to fit --n_ctx {args.n_ctx} ({task.cut_rule})")
     n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), args.n_ctx)
     splits = {}
     for name, split in read.items():
@@ -898,7 +898,7 @@ def set_up(args, runtime, times):
     data = run.data
     if data.n_ctx > n_positions:
         raise RunError(f"the data needs n_ctx={data.n_ctx} positions but the weights have only {n_positions}; "
-                       f"pass --n_ctx {n_positions} to cut the longer examples (docs/tasks.md's cut rule)")
+                       f"pass --n_ctx {n_positions} ({data.task.cut_rule})")
     vocab = data.specials.n_vocab + data.specials.n_special + data.n_ctx
     for name, (X, M, _) in data.splits.items():  # once, on the host: no check inside an update
         check_split(name, X, M, vocab, data.specials.clf_token)

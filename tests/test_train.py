@@ -183,10 +183,11 @@ def test_n_ctx_too_large_for_the_position_table(setup, tmp_path, capsys):
     write_openai_weights(tmp_path / "w", n_vocab=vocab, n_ctx=16, n_embd=32, n_layer=2)
     argv = arguments(setup, tmp_path)
     argv[argv.index("--model_path") + 1] = str(tmp_path / "w")
-    expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 16; pass --n_ctx 16", capsys)
+    expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 16; pass --n_ctx 16 \(the "
+                         r"story and each ending are cut to n_ctx // 2 - 2 tokens, as the original does\)$", capsys)
 
 
-def test_n_ctx_too_large_for_the_position_table_names_no_stories_for_another_task(tmp_path, capsys):
+def test_n_ctx_too_large_for_the_position_table_names_the_task_cut_rule(tmp_path, capsys):
     import tasks
 
     data = tasks.write_synthetic("sst2", str(tmp_path / "data"), 16, 8, 8, seed=1)
@@ -197,8 +198,8 @@ def test_n_ctx_too_large_for_the_position_table_names_no_stories_for_another_tas
     argv = ["--dataset", "sst2", "--data_dir", data, "--model_path", str(tmp_path / "w"),
             "--encoder_path", str(tmp_path / "encoder.json"), "--bpe_path", str(tmp_path / "vocab.bpe"),
             "--log_dir", str(tmp_path / "log"), "--save_dir", str(tmp_path / "save"), *SIZES]
-    expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 8; pass --n_ctx 8 to cut "
-                         r"the longer examples \(docs/tasks.md's cut rule\)$", capsys)
+    expect_failure(argv, r"the data needs n_ctx=\d+ positions but the weights have only 8; pass --n_ctx 8 \(longer "
+                         r"examples are cut by the rule in docs/tasks.md\)$", capsys)
 
 
 def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(setup, tmp_path, capsys):
