@@ -355,7 +355,11 @@ def test_resumed_run_keeps_the_original_epoch_orders(setup, tmp_path, monkeypatc
 
 # ----------------------------------------------------------------------------- the GPU-first training step
 
-def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, monkeypatch, sync_counter):
+def count_syncs(argv, monkeypatch, sync_counter):
+    """Runs train.py; (sync-capable calls inside each update, inside each evaluation forward, in all
+    but the evaluation forwards)."""
+    from model_pytorch import DoubleHeadModel, LMModel
+
     updates, forwards = [], []
     real_update = train.train_update
 
@@ -368,27 +372,25 @@ def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, m
     sync_counter.wrap(train, "train_update", monkeypatch)
     monkeypatch.setattr(train, "train_update", update)
     sync_counter.wrap(train.LateReader, "push", monkeypatch)
-    from model_pytorch import DoubleHeadModel
-    real_forward = DoubleHeadModel.forward
+    for model_class in (DoubleHeadModel, LMModel):
+        def forward(self, *a, real_forward=model_class.forward, **k):
+            before = len(sync_counter.calls)
+            outer, sync_counter.active = sync_counter.active, True
+            try:
+                return real_forward(self, *a, **k)
+            finally:
+                sync_counter.active = outer
+                if not self.training:
+                    forwards.append(len(sync_counter.calls) - before)
 
-    def forward(self, *a, **k):
-        before = len(sync_counter.calls)
-        outer, sync_counter.active = sync_counter.active, True
-        try:
-            return real_forward(self, *a, **k)
-        finally:
-            sync_counter.active = outer
-            if not self.training:
-                forwards.append(len(sync_counter.calls) - before)
-
-    monkeypatch.setattr(DoubleHeadModel, "forward", forward)
-    pushes = []
-    real_push = train.LateReader.push
-    monkeypatch.setattr(train.LateReader, "push", lambda self, *a: pushes.append(len(sync_counter.calls)) or
-                        real_push(self, *a))
-    assert train.main(arguments(setup, tmp_path, "--n_iter", "1")) == 0
-    total = len(sync_counter.calls) - sum(forwards)
+        monkeypatch.setattr(model_class, "forward", forward)
+    assert train.main(argv) == 0
     print(f"syncs: {sync_counter.calls[:12]}; per update {updates}; evaluation forwards {set(forwards)}")
+    return updates, forwards, len(sync_counter.calls) - sum(forwards)
+
+
+def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, monkeypatch, sync_counter):
+    updates, forwards, total = count_syncs(arguments(setup, tmp_path, "--n_iter", "1"), monkeypatch, sync_counter)
     assert len(updates) == 5 and max(updates) == 0  # inside train_update: none
     assert total <= len(updates)  # with reading the loss one update late: at most 1 per update
     assert forwards and set(forwards) == {0}
@@ -750,18 +752,22 @@ def task_folders(tmp_path_factory):
     return folders
 
 
+def task_arguments(task_folders, name, out, *extra):
+    data, model = task_folders[name]
+    return ["--dataset", name, "--data_dir", data, "--model_path", str(model), "--encoder_path",
+            str(model / "encoder.json"), "--bpe_path", str(model / "vocab.bpe"), "--log_dir", str(out / "log"),
+            "--save_dir", str(out / "save"), "--submission_dir", str(out / "sub"), "--desc", "run",
+            "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4",
+            "--n_gpu", "4", "--n_valid", "48", "--n_iter", "3", "--lr", "2e-3", "--lr_warmup", "0.1",
+            "--n_ctx", "128", *extra]
+
+
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
     import tasks
 
-    data, model = task_folders[name]
-    argv = ["--dataset", name, "--data_dir", data, "--model_path", str(model), "--encoder_path",
-            str(model / "encoder.json"), "--bpe_path", str(model / "vocab.bpe"), "--log_dir", str(tmp_path / "log"),
-            "--save_dir", str(tmp_path / "save"), "--submission_dir", str(tmp_path / "sub"), "--desc", "run",
-            "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4",
-            "--n_gpu", "4", "--n_valid", "48", "--n_iter", "3", "--lr", "2e-3", "--lr_warmup", "0.1",
-            "--n_ctx", "128", "--submit", "--analysis"]
-    assert train.main(argv) == 0
+    data = task_folders[name][0]
+    assert train.main(task_arguments(task_folders, name, tmp_path, "--submit", "--analysis")) == 0
     printed = capsys.readouterr().out
     task = tasks.get_task(name)
     read = task.read(data)
@@ -790,6 +796,16 @@ def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
             assert all(re.fullmatch(r"-?\d+\.\d{3}", v) for v in values)
         else:
             assert set(values) <= set(task.label_names)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_task_updates_with_at_most_one_sync_and_evaluates_with_none(task_folders, tmp_path, name, monkeypatch,
+                                                                          sync_counter):
+    """Every head and loss (classification, similarity, regression, 4 choices) keeps the GPU path's promise."""
+    argv = task_arguments(task_folders, name, tmp_path, "--n_iter", "1")
+    updates, forwards, total = count_syncs(argv, monkeypatch, sync_counter)
+    assert updates and max(updates) == 0 and total <= len(updates)
+    assert forwards and set(forwards) == {0}
 
 
 # ----------------------------------------------------------------------------- language modelling on a corpus
@@ -840,6 +856,13 @@ def test_language_model_training_lowers_validation_perplexity(corpus, tmp_path, 
     best = min(p["va_ppl"] for p in points)
     assert f"LM Valid Perplexity: {best:.2f}" in printed
     print(f"validation perplexity by epoch: {[round(p['va_ppl'], 2) for p in points]}")
+
+
+def test_language_model_updates_with_at_most_one_sync_and_evaluates_with_none(corpus, tmp_path, monkeypatch,
+                                                                              sync_counter):
+    updates, forwards, total = count_syncs(lm_arguments(corpus, tmp_path, "--n_iter", "1"), monkeypatch, sync_counter)
+    assert updates and max(updates) == 0 and total <= len(updates)
+    assert forwards and set(forwards) == {0}
 
 
 def test_language_model_resume_equals_an_uninterrupted_run(corpus, tmp_path):
