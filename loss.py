@@ -17,15 +17,20 @@ def per_element_cross_entropy(logits, targets):
 def lm_losses(X, M, lm_logits, criterion=per_element_cross_entropy, plan=None):
     """Per-sequence LM loss: cross-entropy of each next token, masked by M[..., 1:] and averaged.
 
-    lm_logits is either over every position ([N * (T - 1), vocab], as the TF code) or only over
-    the positions with M[..., 1:] = 1 (what `LMHead(mask=M)` returns); both give the same losses.
-    With a BatchPlan that selected the rows, its host-made targets and counts are used: no step
-    waits for the device.
+    lm_logits is either over every position ([N * (T - 1), vocab], as the TF code; or [N, T, vocab]
+    as `LMModel` returns them, whose last position predicts nothing here) or only over the positions
+    with M[..., 1:] = 1 (what `LMHead(mask=M)` returns); all give the same losses. With a BatchPlan
+    that selected the rows, its host-made targets and counts are used: no step waits for the device.
     """
     if plan is not None and plan.lm_rows is not None:
         return sequence_means(criterion(lm_logits, plan.lm_targets), plan)
     T = X.size(-2)
     tokens = X[..., 1:, 0].reshape(-1, T - 1)
+    if lm_logits.dim() > 2:
+        if lm_logits.size(-2) != T or lm_logits[..., 0].numel() != tokens.size(0) * T:
+            raise ValueError(f"lm_logits of shape {tuple(lm_logits.shape)} do not fit X of shape {tuple(X.shape)}: "
+                             f"expected [{tokens.size(0)}, {T}, vocab], a row per position of each sequence")
+        lm_logits = lm_logits[..., :-1, :].reshape(-1, lm_logits.size(-1))
     mask = M.reshape(-1, M.size(-1))[:, 1:].to(lm_logits.dtype)
     n_seq = tokens.size(0)
     if lm_logits.size(0) == n_seq * (T - 1):

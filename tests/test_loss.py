@@ -57,6 +57,18 @@ def test_restricted_lm_logits_give_the_same_losses():
         lm_losses(X, M, full[:4])
 
 
+def test_lm_logits_at_every_position_as_a_language_model_returns_them():
+    """LMModel's [N, T, vocab] (the last position predicts nothing) equals the TF layout [N * (T - 1), vocab]."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randint(0, 9, (3, 1, 6, 2), generator=g)
+    M = (torch.rand(3, 1, 6, generator=g) > 0.3).float()
+    M[..., :2] = 1
+    every = torch.randn(3, 6, 9, generator=g)
+    torch.testing.assert_close(lm_losses(X, M, every), lm_losses(X, M, every[:, :-1].reshape(-1, 9)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lm_logits of shape \(3, 5, 9\) do not fit X of shape \(3, 1, 6, 2\)"):
+        lm_losses(X, M, every[:, :-1])
+
+
 def test_classification_and_similarity_losses():
     X = torch.zeros(3, 5, 2, dtype=torch.long)
     M = torch.ones(3, 5)
