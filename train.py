@@ -751,17 +751,30 @@ def predict_logits(model, X, M, args, runtime):
         return result
 
 
-def _task_head(model):
+def _unwrapped(model):
+    """The model inside torch.compile's and DDP's wrappers."""
     model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    return model.task_head
+    return getattr(model, "module", model)
+
+
+def _task_head(model):
+    return _unwrapped(model).task_head
+
+
+LM_EVAL_LOGITS = 2 ** 28  # logits (vocabulary x positions) per evaluation forward of a language model: 1 GiB
 
 
 def evaluate_lm(model, X, M, args, runtime):
-    """Mean next-token loss over the sequences (all of n_ctx tokens), read back once at the end."""
+    """Mean next-token loss over the sequences (all of n_ctx tokens), read back once at the end.
+
+    A language model's logits are a row of the whole vocabulary per position (128 sequences of 512
+    tokens: 10 GiB in float32, and the loss makes a copy), so a forward holds at most LM_EVAL_LOGITS
+    of them, whatever --eval_batch says: the figure is the same, the memory fits a small GPU."""
+    vocab = _unwrapped(model).transformer.embed.weight.size(0)
+    n_batch = max(1, min(args.eval_batch, LM_EVAL_LOGITS // (X.shape[-2] * vocab)))
     with evaluation_mode(model):
         total = torch.zeros((), device=runtime.device)
-        for idx in iter_data(np.arange(len(X)), n_batch=args.eval_batch):
+        for idx in iter_data(np.arange(len(X)), n_batch=n_batch):
             batch = make_batch(X[idx], M[idx], None, None, runtime.device, "trimmed")
             with autocast(args, runtime):
                 logits = model(batch.X, plan=batch.plan)

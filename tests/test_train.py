@@ -880,6 +880,25 @@ def test_language_model_plain_and_compiled_paths_train_the_same(corpus, tmp_path
         assert worst <= 1e-5  # measured 6.0e-8 (--plain) and 1.2e-7 (--compile) at the recipe's lr of 2.5e-4
 
 
+def test_language_model_evaluation_bounds_the_logits_per_forward(corpus, tmp_path, monkeypatch):
+    from model_pytorch import LMModel
+
+    args = train.parse_args(lm_arguments(corpus, tmp_path, "--eval_batch", "64"))
+    runtime = train.Runtime(torch.device("cpu"))
+    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+    X, M = run.data.splits["valid"][:2]
+    vocab = run.model.transformer.embed.weight.size(0)
+    sizes, real_forward = [], LMModel.forward
+    monkeypatch.setattr(LMModel, "forward", lambda self, x, **k: sizes.append(len(x)) or real_forward(self, x, **k))
+    whole = train.evaluate_lm(run.model, X, M, args, runtime)
+    assert sizes == [len(X)]  # within the budget: --eval_batch (64) sequences at a time
+    sizes.clear()
+    monkeypatch.setattr(train, "LM_EVAL_LOGITS", 3 * X.shape[-2] * vocab + 1)
+    parts = train.evaluate_lm(run.model, X, M, args, runtime)
+    assert len(X) > 3 and max(sizes) == 3 and sum(sizes) == len(X)
+    assert parts == pytest.approx(whole, rel=1e-6)
+
+
 def test_language_model_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(lm_arguments(corpus, whole)) == 0
