@@ -119,7 +119,7 @@ def save_hf_checkpoint(model, text_encoder, out_dir, special_tokens=None):
     if isinstance(model, DoubleHeadModel) and type(model.task_head) is not MultipleChoiceHead:
         raise ExportError(f"transformers' OpenAIGPTDoubleHeadsModel has a multiple-choice head only; this model's "
                           f"task head is {type(model.task_head).__name__}. Export its language model instead: "
-                          "save_hf_checkpoint(model.transformer, ...)")
+                          "export_hf.py --lm_only, or save_hf_checkpoint(model.transformer, ...)")
     n_vocab, rows = text_encoder.n_vocab, body.embed.weight.size(0)
     n_special = rows - n_vocab - body.n_ctx
     if n_special < 0:

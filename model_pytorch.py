@@ -1208,11 +1208,13 @@ def model_from_checkpoint(path, n_vocab, n_special=3, n_head=None, task_head_typ
     The embedding has n_vocab + n_special + n_ctx rows and the file does not say where the
     specials end, so n_special is given (train.py's tasks add 3); n_ctx is what is left.
     The classify token of a DoubleHeadModel is taken as the last special (train.py's order);
-    task_head_type "auto" means "multiple_choice" if the file holds a task head, else an LMModel.
+    task_head_type "auto": an LMModel if the file holds no task head, else the head of the task
+    train.py recorded (--dataset), else a multiple-choice head.
     """
     state, recorded = read_checkpoint(path)
     if task_head_type == "auto":
-        task_head_type = "multiple_choice" if any(k.startswith("task_head.") for k in state) else None
+        has_head = any(k.startswith("task_head.") for k in state)
+        task_head_type = (_recorded_task_head(recorded) or "multiple_choice") if has_head else None
     embed = next((k for k in ("transformer.embed.weight", "lm_head.decoder.weight", "embed.weight") if k in state),
                  None)
     if embed is None:
@@ -1224,8 +1226,9 @@ def model_from_checkpoint(path, n_vocab, n_special=3, n_head=None, task_head_typ
     if n_ctx <= 0:
         raise WeightsError(f"{path}: the embedding has {rows} rows, too few for n_vocab={n_vocab} tokens + "
                            f"n_special={n_special} specials + positions: wrong vocabulary or n_special?")
-    cfg = make_config(dict(recorded, n_embd=n_embd, n_layer=n_layer,
-                           n_head=_resolve_n_head(n_head, n_embd, recorded, path)))
+    # the recorded arguments are train.py's flags: a Namespace, whose fields other than GPTConfig's are ignored
+    cfg = make_config(Namespace(**dict(recorded, n_embd=n_embd, n_layer=n_layer,
+                                       n_head=_resolve_n_head(n_head, n_embd, recorded, path))))
     if task_head_type is None:
         model = LMModel(cfg, vocab=rows, n_ctx=n_ctx)
     else:
@@ -1236,6 +1239,16 @@ def model_from_checkpoint(path, n_vocab, n_special=3, n_head=None, task_head_typ
     body.setdefault("embed.weight", state[embed])
     _load_part(model.transformer, body, path, prefix)
     return model
+
+
+def _recorded_task_head(recorded):
+    """The task_head_type of the task a train.py run recorded (its --dataset), or None."""
+    from tasks import get_task  # the task registry (it does not import this module)
+
+    try:
+        return getattr(get_task(str(recorded.get("dataset"))), "head", None)
+    except ValueError:  # not recorded, or a task this version does not know
+        return None
 
 
 def _load_part(module, state, source, prefix):

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import analysis
+import export_hf
 import train
 from conftest import ROOT
 from datasets import ROC_TEST, rocstories, rocstories_test_labels, write_synthetic_rocstories
-from model_pytorch import read_checkpoint
+from model_pytorch import make_task_head, model_from_checkpoint, read_checkpoint
 from random_weights import write_openai_weights
 from text_utils import learn_bpe
 
@@ -83,6 +84,23 @@ def test_end_to_end_outputs_are_consistent(setup, tmp_path, capsys):
     assert recorded["n_head"] == 4 and recorded["dataset"] == "rocstories"  # the run's arguments, as JSON
     png = analysis.plot_learning_curve(str(tmp_path / "log" / "run.jsonl"), str(tmp_path / "curve.png"))
     assert os.path.getsize(png) > 1000
+
+
+def test_saved_parameters_load_for_generation_and_export_without_flags(setup, tmp_path):
+    """Both files a run writes record its arguments: the loaders need no --n_head and build the run's head."""
+    from model_pytorch import MultipleChoiceHead, load_lm, model_from_checkpoint
+
+    assert train.main(arguments(setup, tmp_path, "--submit")) == 0
+    n_vocab = len(json.loads((setup / "model" / "encoder.json").read_text()))
+    trained = final_state(tmp_path)["model"]
+    for name in ("best_params.safetensors", "checkpoint.pt"):
+        path = str(tmp_path / "save" / "run" / name)
+        model = model_from_checkpoint(path, n_vocab, task_head_type="auto")
+        assert isinstance(model.task_head, MultipleChoiceHead) and model.transformer.cfg.n_head == 4, name
+        assert load_lm(path, n_vocab).transformer.cfg.n_head == 4, name
+        if name == "checkpoint.pt":
+            loaded = model.state_dict()
+            assert all(torch.equal(loaded[k], v) for k, v in trained.items())
 
 
 def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
@@ -770,6 +788,18 @@ def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
     assert train.main(task_arguments(task_folders, name, tmp_path, "--submit", "--analysis")) == 0
     printed = capsys.readouterr().out
     task = tasks.get_task(name)
+    n_vocab = len(json.loads((task_folders[name][1] / "encoder.json").read_text()))
+    kept = model_from_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"), n_vocab,
+                                 task_head_type="auto")  # the head of the recorded --dataset
+    assert type(kept.task_head) is type(make_task_head(task.head, 0, kept.transformer.cfg))
+    export = ["--model_path", str(tmp_path / "save" / "run" / "best_params.safetensors"), "--out", str(tmp_path / "hf"),
+              "--encoder_path", str(task_folders[name][1] / "encoder.json"),
+              "--bpe_path", str(task_folders[name][1] / "vocab.bpe")]
+    if task.head == "multiple_choice":
+        assert export_hf.main(export) == 0
+    else:  # transformers has no such head: a clear refusal, and the language model exports
+        assert export_hf.main(export) == 1 and "export_hf.py --lm_only" in capsys.readouterr().err
+        assert export_hf.main([*export, "--lm_only"]) == 0
     read = task.read(data)
     log = read_log(tmp_path)[1:]
     first = f"va_{train.METRIC_KEYS[task.metric_names[0]]}"
