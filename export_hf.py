@@ -146,7 +146,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--encoder_path", default="model/encoder_bpe_40000.json")
     p.add_argument("--bpe_path", default="model/vocab_40000.bpe")
-    p.add_argument("--n_special", type=int, default=3, help="special rows of a checkpoint file (train.py adds 3)")
+    p.add_argument("--n_special", type=int, default=None,
+                   help="special rows of a checkpoint file (default: as its run records: 0 for --dataset lm, else 3)")
     p.add_argument("--n_head", type=int, default=None, help="default: as recorded, else 12 (GPT-1)")
     p.add_argument("--special_tokens", nargs="*", default=None, help="names of the special rows, in id order")
     p.add_argument("--lm_only", action="store_true", help="leave out the task head of a fine-tuned checkpoint")

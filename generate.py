@@ -35,7 +35,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--stop", default=None, help="text of one token that ends a continuation (e.g. '.')")
     p.add_argument("--n_head", type=int, default=None, help="heads, when the weights do not record it (default 12)")
-    p.add_argument("--n_special", type=int, default=3, help="special rows of a checkpoint file (train.py adds 3)")
+    p.add_argument("--n_special", type=int, default=None,
+                   help="special rows of a checkpoint file (default: as its run records: 0 for --dataset lm, else 3)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if present)")
     p.add_argument("--demo", action="store_true", help="use the files of `python train.py --demo` (written if absent)")
     p.add_argument("--demo_dir", default="demo_run/")

@@ -1202,16 +1202,19 @@ def _resolve_n_head(n_head, n_embd, recorded, source):
                        "give n_head (--n_head)")
 
 
-def model_from_checkpoint(path, n_vocab, n_special=3, n_head=None, task_head_type=None):
+def model_from_checkpoint(path, n_vocab, n_special=None, n_head=None, task_head_type=None):
     """An LMModel (task_head_type None) or a DoubleHeadModel holding a checkpoint of this project.
 
     The embedding has n_vocab + n_special + n_ctx rows and the file does not say where the
-    specials end, so n_special is given (train.py's tasks add 3); n_ctx is what is left.
+    specials end: n_special is as given, else 0 for a recorded `--dataset lm` run (plain text has
+    no specials), else the 3 that train.py's tasks add; n_ctx is what is left.
     The classify token of a DoubleHeadModel is taken as the last special (train.py's order);
     task_head_type "auto": an LMModel if the file holds no task head, else the head of the task
     train.py recorded (--dataset), else a multiple-choice head.
     """
     state, recorded = read_checkpoint(path)
+    if n_special is None:
+        n_special = _recorded_n_special(recorded)
     if task_head_type == "auto":
         has_head = any(k.startswith("task_head.") for k in state)
         task_head_type = (_recorded_task_head(recorded) or "multiple_choice") if has_head else None
@@ -1251,6 +1254,13 @@ def _recorded_task_head(recorded):
         return None
 
 
+def _recorded_n_special(recorded):
+    """Special rows of a train.py run: none for a language model on plain text, else its tasks' 3."""
+    from tasks import LANGUAGE_MODEL
+
+    return 0 if recorded.get("dataset") == LANGUAGE_MODEL.name else 3
+
+
 def _load_part(module, state, source, prefix):
     try:
         module.load_state_dict(state, strict=True)
@@ -1277,7 +1287,7 @@ def model_from_pretrained(path, n_head=None):
     return model
 
 
-def load_lm(path, n_vocab, n_head=None, n_special=3):
+def load_lm(path, n_vocab, n_head=None, n_special=None):
     """An LMModel from a weights folder (pre-trained or exported) or a checkpoint file of this project."""
     if os.path.isdir(path):
         return model_from_pretrained(path, n_head)

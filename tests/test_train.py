@@ -929,6 +929,19 @@ def test_language_model_evaluation_bounds_the_logits_per_forward(corpus, tmp_pat
     assert parts == pytest.approx(whole, rel=1e-6)
 
 
+def test_language_model_checkpoint_loads_with_its_own_positions(corpus, tmp_path):
+    """checkpoint.pt records --dataset lm, so its loader counts no special rows (3 would shift every position)."""
+    from model_pytorch import load_lm
+
+    assert train.main(lm_arguments(corpus, tmp_path, "--n_iter", "1")) == 0
+    n_vocab = len(json.loads((corpus / "model" / "encoder.json").read_text()))
+    run = tmp_path / "save" / "run"
+    from_checkpoint, from_folder = load_lm(str(run / "checkpoint.pt"), n_vocab), load_lm(str(run / "model"), n_vocab)
+    assert from_checkpoint.transformer.n_ctx == from_folder.transformer.n_ctx == 32
+    x = torch.stack([torch.randint(0, n_vocab, (2, 32)), n_vocab + torch.arange(32).expand(2, 32)], dim=-1)
+    torch.testing.assert_close(from_checkpoint.eval()(x), from_folder.eval()(x), rtol=0, atol=1e-6)
+
+
 def test_language_model_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(lm_arguments(corpus, whole)) == 0
