@@ -1248,9 +1248,11 @@ def _recorded_task_head(recorded):
     """The task_head_type of the task a train.py run recorded (its --dataset), or None."""
     from tasks import get_task  # the task registry (it does not import this module)
 
+    if not recorded.get("dataset"):
+        return None
     try:
-        return getattr(get_task(str(recorded.get("dataset"))), "head", None)
-    except ValueError:  # not recorded, or a task this version does not know
+        return getattr(get_task(str(recorded["dataset"])), "head", None)
+    except ValueError:  # a task this version does not know
         return None
 
 

@@ -973,7 +973,7 @@ def start_log(run, ckpt):
     else:
         run.logger = ResultLogger(run.log_path, **vars(args))
     if args.submit and not os.path.exists(run.best_path):
-        save_best_params(host_copy(model_state(run.model)), run.best_path, vars(args))
+        save_best_params(host_copy(model_state(run.model)), run.best_path, dict(vars(args)))
     n_batch_train = args.n_batch * args.n_gpu
     sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
     tqdm.write(f"{data.task.title}: {sizes} examples; n_ctx {data.n_ctx}; {run.n_updates_total} updates "
@@ -1103,7 +1103,7 @@ def log_point(run):
     if score is not None and args.submit and score > progress.best_score:
         progress.best_score = score
         with run.times("checkpoint writing"):
-            run.writer.submit(save_best_params, host_copy(model_state(run.model)), run.best_path, vars(args))
+            run.writer.submit(save_best_params, host_copy(model_state(run.model)), run.best_path, dict(vars(args)))
 
 
 def save_checkpoint(run):
@@ -1116,7 +1116,7 @@ def save_checkpoint(run):
                      n_epochs=progress.n_epochs, n_updates=progress.n_updates,
                      update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
                      epoch_rng=progress.epoch_rng, rng=rng_state(run.data_rng),
-                     log_lines=count_lines(run.log_path), args=vars(run.args))
+                     log_lines=count_lines(run.log_path), args=dict(vars(run.args)))
         run.writer.submit(atomic_save, state, run.ckpt_path)
 
 
