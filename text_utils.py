@@ -363,11 +363,16 @@ def learn_bpe(texts, encoder_path, bpe_path, vocab_size=1000, min_frequency=2):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     docs = pre_tokenize(texts, english_tokenizer())
-    lowered = (" ".join(w.lower() for w in doc if not w.isspace()) for doc in docs)
+    lowered = [" ".join(w.lower() for w in doc if not w.isspace()) for doc in docs]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<unk>"],
-                                  end_of_word_suffix="</w>", show_progress=False)
+    # The trainer numbers the word-final symbols ("k</w>") as it meets them in a hash map's order, which
+    # changes from run to run, and breaks ties between merges by those numbers: the same texts gave
+    # other vocabularies. Declared up front, in sorted order, they are numbered the same every run.
+    word_final = sorted({word[-1] + "</w>" for line in lowered for word in line.split()})
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=["<unk>", *word_final], end_of_word_suffix="</w>",
+                                  show_progress=False)
     tokenizer.train_from_iterator(lowered, trainer)
     state = json.loads(tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]

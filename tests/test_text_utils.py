@@ -5,6 +5,8 @@ import multiprocessing
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import ftfy
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 import text_utils
 from bench.corpus import english_texts
-from conftest import OPENAI_GPT
+from conftest import OPENAI_GPT, ROOT
 from text_utils import TextEncoder, VocabularyError, contiguous_chunks, learn_bpe, text_standardize
 
 ENCODER = OPENAI_GPT / "encoder_bpe_40000.json"
@@ -242,6 +244,32 @@ def test_learn_bpe_writes_the_original_format(tmp_path):
     assert enc.decode(ids) == "the cat sat on the log !"
     assert TextEncoder(str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe")).encode(corpus[:3], False) == \
         enc.encode(corpus[:3], False)
+
+
+LEARN_IN_A_NEW_PROCESS = """
+import sys
+sys.path.insert(0, {root!r})
+from datasets import rocstories, write_synthetic_rocstories
+from text_utils import learn_bpe
+folder = write_synthetic_rocstories(sys.argv[1] + "/data", n_val=300, n_test=10, seed=5)
+stories, endings, _, _ = rocstories(folder, n_valid=40)[0]
+learn_bpe(list(stories) + list(endings), sys.argv[1] + "/encoder.json", sys.argv[1] + "/vocab.bpe", vocab_size=400,
+          min_frequency=1)
+"""
+
+
+@pytest.mark.slow
+def test_learn_bpe_learns_the_same_vocabulary_in_every_process(tmp_path):
+    """tokenizers' trainer breaks ties by ids it gives in a hash map's order, which changes with each
+    process: without learn_bpe's fix, 3 processes rarely agree on these texts."""
+    script = tmp_path / "learn.py"
+    script.write_text(LEARN_IN_A_NEW_PROCESS.format(root=str(ROOT)))
+    files = []
+    for i in range(3):
+        out = tmp_path / str(i)
+        subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True, text=True)
+        files.append(((out / "encoder.json").read_bytes(), (out / "vocab.bpe").read_bytes()))
+    assert files[0] == files[1] == files[2]
 
 
 def test_rust_bpe_equals_the_original_bpe_on_every_vocabulary_word(ours):
