@@ -950,6 +950,9 @@ def resume(run, parser_defaults):
     """With --resume: the model, optimizer, progress and every generator as the checkpoint left them."""
     args = run.args
     ckpt = load_checkpoint(run.ckpt_path, args, parser_defaults)
+    if not os.path.exists(run.log_path):  # checked on every rank: the checkpoint continues the log it counted
+        raise RunError(f"--resume: the run's log {run.log_path} is missing; the checkpoint continues that log "
+                       "(give the --log_dir and --desc of the interrupted run)")
     load_model_state(run.model, ckpt["model"], run.ckpt_path)
     run.opt.load_state_dict(ckpt["optimizer"])
     run.progress = Progress(ckpt["n_epochs"], ckpt["n_updates"], ckpt["update_in_epoch"], ckpt["best_score"],

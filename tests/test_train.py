@@ -992,3 +992,15 @@ def test_out_of_memory_halves_the_pass_and_keeps_the_objective(setup, tmp_path, 
         capsys.readouterr().out
     a, b = final_state(tmp_path / "asked")["model"], final_state(tmp_path / "fallback")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_log_dir_is_a_clear_error(setup, interrupted, tmp_path, capsys):
+    """--log_dir is not compared on resume, but the checkpoint continues the log it counted: a missing
+    log is one line naming it (it was a FileNotFoundError traceback)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(interrupted, out)
+    argv = arguments(setup, out, "--resume")
+    argv[argv.index("--log_dir") + 1] = str(tmp_path / "elsewhere")
+    expect_failure(argv, r"^error: --resume: the run's log .*elsewhere/run\.jsonl is missing", capsys)
