@@ -14,9 +14,7 @@ import argparse
 import os
 import sys
 
-import torch
-
-from model_pytorch import GenerationError, WeightsError, generate, load_lm
+from model_pytorch import GenerationError, WeightsError, generate, load_lm, resolve_device
 from text_utils import TextEncoder, VocabularyError
 
 
@@ -70,7 +68,10 @@ def stop_token_id(text_encoder, text):
 def run(args):
     if args.demo:
         use_demo_files(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
     text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
     n_vocab = text_encoder.n_vocab
     model = load_lm(args.model_path, n_vocab, n_head=args.n_head, n_special=args.n_special).to(device)

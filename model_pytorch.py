@@ -239,6 +239,24 @@ class PaddingLayout:
         return out.view(self.n_seq, self.n_ctx, x.size(-1))
 
 
+def resolve_device(name=None):
+    """The --device of a script as a torch.device this machine has (None: CUDA when present, else
+    the CPU). A name torch cannot parse, or a CUDA device that is not there, raises ValueError with
+    one line naming the flag, instead of torch's traceback deep inside the first copy."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)"
+                             + ("" if count else " (or this torch is built without CUDA)"))
+    return device
+
+
 def to_device(array, device, dtype=None):
     """A numpy array as a tensor on `device`: pinned and non-blocking for CUDA (no host stall)."""
     t = torch.from_numpy(np.ascontiguousarray(array))

@@ -46,6 +46,7 @@ from model_pytorch import (
     load_openai_pretrained_model,
     make_config,
     pretrained_sizes,
+    resolve_device,
     to_device,
 )
 from opt import SCHEDULES, OpenAIAdam
@@ -434,10 +435,10 @@ def keep_freed_host_memory():
 
 def setup_runtime(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise RunError(str(err)) from None
     if device.type == "cpu":
         keep_freed_host_memory()
     if world == 1:

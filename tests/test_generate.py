@@ -320,3 +320,11 @@ def test_cli_demo_needs_no_download(tmp_path, capsys):
     assert first.startswith("tom was happy . >>> ") and len(first.split(" >>> ")[1].strip()) > 0
     assert (tmp_path / "demo" / "model" / "params_shapes.json").exists()
     assert generate_cli.main(argv) == 0 and capsys.readouterr().out == first
+
+
+def test_cli_device_this_machine_lacks_is_one_line(cli_files, capsys, monkeypatch):
+    base, _ = cli_files
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert generate_cli.main(cli(base, "--prompt", "the cat", "--device", "cuda")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda: this machine has 0 CUDA device(s)") and "Traceback" not in err

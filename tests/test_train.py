@@ -1004,3 +1004,12 @@ def test_resume_with_another_log_dir_is_a_clear_error(setup, interrupted, tmp_pa
     argv = arguments(setup, out, "--resume")
     argv[argv.index("--log_dir") + 1] = str(tmp_path / "elsewhere")
     expect_failure(argv, r"^error: --resume: the run's log .*elsewhere/run\.jsonl is missing", capsys)
+
+
+@pytest.mark.parametrize("device, expected", [("cuda:1", r"--device cuda:1: this machine has 1 CUDA device\(s\)$"),
+                                              ("gpu", r"--device 'gpu' is not a device name")])
+def test_device_this_machine_lacks_is_one_line(setup, tmp_path, device, expected, capsys, monkeypatch):
+    """The README's flag `--device cuda:1` on a machine without it: one line, not torch's traceback."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    expect_failure(arguments(setup, tmp_path, "--device", device), rf"^error: {expected}", capsys)
