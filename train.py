@@ -556,6 +556,18 @@ def rng_state(data_rng):
     return state
 
 
+def rank_generators(runtime):
+    """Every process's dropout generators (torch's, and its CUDA device's), gathered on every rank:
+    each process draws its own masks, so a resumed torchrun run needs each one's state back to take
+    the same updates as an uninterrupted one."""
+    mine = dict(torch=torch.get_rng_state())
+    if runtime.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    states = [None] * runtime.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
 def restore_rng(state):
     """Restore the generators; CUDA states only for the devices this machine has (a checkpoint
     made with more GPUs, or on a GPU machine resumed on a CPU, still resumes)."""
@@ -960,7 +972,13 @@ def resume(run, parser_defaults):
                             ckpt["epoch_rng"])
     restore_rng(ckpt["rng"])
     run.data_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
-    if run.runtime.world > 1:  # the checkpoint holds rank 0's dropout generator: one stream per rank again
+    ranks = ckpt["rng"].get("ranks")
+    if run.runtime.world > 1 and ranks and len(ranks) == run.runtime.world:  # each process's own generators
+        mine = ranks[run.runtime.rank]
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and run.runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], run.runtime.device)
+    elif run.runtime.world > 1:  # another number of processes: one new stream per rank
         torch.manual_seed(args.seed + run.runtime.rank + 1_000_003 * run.progress.n_updates)
     if args.submit and not os.path.exists(run.best_path):
         run.progress.best_score = float("-inf")
@@ -1111,15 +1129,20 @@ def log_point(run):
 
 
 def save_checkpoint(run):
-    """A resumable checkpoint from host copies, written in the background (atomic)."""
+    """A resumable checkpoint from host copies, written in the background (atomic). Every rank calls
+    it (their generators are gathered); rank 0 writes."""
+    ranks = rank_generators(run.runtime) if run.runtime.world > 1 else None
     if not run.runtime.main:
         return
     progress = run.progress
     with run.times("checkpoint writing"):
+        rng = rng_state(run.data_rng)
+        if ranks:
+            rng["ranks"] = ranks
         state = dict(model=host_copy(model_state(run.model)), optimizer=host_copy(run.opt.state_dict()),
                      n_epochs=progress.n_epochs, n_updates=progress.n_updates,
                      update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
-                     epoch_rng=progress.epoch_rng, rng=rng_state(run.data_rng),
+                     epoch_rng=progress.epoch_rng, rng=rng,
                      log_lines=count_lines(run.log_path), args=dict(vars(run.args)))
         run.writer.submit(atomic_save, state, run.ckpt_path)
 

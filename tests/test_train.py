@@ -1013,3 +1013,22 @@ def test_device_this_machine_lacks_is_one_line(setup, tmp_path, device, expected
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     expect_failure(arguments(setup, tmp_path, "--device", device), rf"^error: {expected}", capsys)
+
+
+def test_torchrun_resumed_run_with_dropout_ends_the_same(setup, tmp_path):
+    """Each process draws its own dropout masks: the checkpoint keeps every rank's generator, so a
+    resumed torchrun run ends with the parameters of an uninterrupted one (it reseeded the ranks)."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "train.py"), *arguments(setup, out, *extra)]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    assert torchrun(whole).returncode == 0
+    assert "continue with --resume" in torchrun(parts, "--stop_after_updates", "3").stdout
+    result = torchrun(parts, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_state(whole)["model"], final_state(parts)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
