@@ -4,6 +4,7 @@ optional PNG learning curve."""
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -14,19 +15,38 @@ def read_log(log_path):
     """(arguments of the run, list of logged points) from a JSON-lines log."""
     if not os.path.exists(log_path):
         raise FileNotFoundError(f"log file {log_path!r} not found")
+    lines = []
     with open(log_path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{log_path}, line {line_no}: not a JSON object ({err})") from None
     if not lines:
         raise ValueError(f"{log_path}: empty log")
     return lines[0], [line for line in lines[1:] if "va_acc" in line]
 
 
 def read_predictions(pred_path):
+    """The prediction column of a submission file (index<TAB>prediction)."""
+    if not os.path.exists(pred_path):
+        raise FileNotFoundError(f"submission file {str(pred_path)!r} not found")
     with open(pred_path) as f:
         header = f.readline().rstrip("\n").split("\t")
         if header != ["index", "prediction"]:
             raise ValueError(f"{pred_path}, line 1: expected the header 'index<TAB>prediction', found {header}")
-        return np.array([int(line.rstrip("\n").split("\t")[1]) for line in f if line.strip()])
+        predictions = []
+        for line_no, line in enumerate(f, 2):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2 or not fields[1].strip().lstrip("-").isdigit():
+                raise ValueError(f"{pred_path}, line {line_no}: expected an index and an integer prediction, "
+                                 f"found {line.rstrip()!r}")
+            predictions.append(int(fields[1]))
+        return np.array(predictions)
 
 
 def rocstories(data_dir, pred_path, log_path):
@@ -82,10 +102,15 @@ def main(argv=None):
     parser.add_argument("--pred", default="submission/ROCStories.tsv")
     parser.add_argument("--plot", help="write a PNG learning curve here")
     args = parser.parse_args(argv)
-    rocstories(args.data_dir, args.pred, args.log)
-    if args.plot:
-        print(f"learning curve: {plot_learning_curve(args.log, args.plot)}")
+    try:
+        rocstories(args.data_dir, args.pred, args.log)
+        if args.plot:
+            print(f"learning curve: {plot_learning_curve(args.log, args.plot)}")
+    except (OSError, ValueError) as err:  # missing or malformed files (DataError is a ValueError)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

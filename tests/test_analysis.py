@@ -1,6 +1,7 @@
 """analysis: accuracies from a log and a submission, the learning curve."""
 
 import json
+import re
 
 import pytest
 
@@ -47,3 +48,25 @@ def test_bad_inputs(tmp_path):
     write_log(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="no evaluation was logged"):
         analysis.rocstories(tmp_path, tmp_path / "pred.tsv", tmp_path / "empty.jsonl")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no log", r"log file '.*none.jsonl' not found"),
+    ("bad log line", r"run.jsonl, line 2: not a JSON object"),
+    ("no submission", r"submission file '.*missing.tsv' not found"),
+    ("bad prediction", r"pred.tsv, line 3: expected an index and an integer prediction, found '1\\tyes'"),
+])
+def test_command_line_errors_are_one_line(tmp_path, capsys, case, message):
+    write_synthetic_rocstories(tmp_path, n_val=10, n_test=8, seed=2)
+    write_log(tmp_path / "run.jsonl", [point(1, 50.0)])
+    (tmp_path / "pred.tsv").write_text("index\tprediction\n0\t1\n1\tyes\n")
+    log, pred = tmp_path / "run.jsonl", tmp_path / "pred.tsv"
+    if case == "no log":
+        log = tmp_path / "none.jsonl"
+    elif case == "bad log line":
+        log.write_text('{"desc": "x"}\n{"n_epochs": 1,\n')
+    elif case == "no submission":
+        pred = tmp_path / "missing.tsv"
+    assert analysis.main(["--data_dir", str(tmp_path), "--log", str(log), "--pred", str(pred)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and re.search(message, err.strip()), err
