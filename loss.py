@@ -26,14 +26,18 @@ def lm_losses(X, M, lm_logits, criterion=per_element_cross_entropy, plan=None):
         return sequence_means(criterion(lm_logits, plan.lm_targets), plan)
     T = X.size(-2)
     tokens = X[..., 1:, 0].reshape(-1, T - 1)
-    if lm_logits.dim() > 2:
-        if lm_logits.size(-2) != T or lm_logits[..., 0].numel() != tokens.size(0) * T:
-            raise ValueError(f"lm_logits of shape {tuple(lm_logits.shape)} do not fit X of shape {tuple(X.shape)}: "
-                             f"expected [{tokens.size(0)}, {T}, vocab], a row per position of each sequence")
-        lm_logits = lm_logits[..., :-1, :].reshape(-1, lm_logits.size(-1))
     mask = M.reshape(-1, M.size(-1))[:, 1:].to(lm_logits.dtype)
     n_seq = tokens.size(0)
-    if lm_logits.size(0) == n_seq * (T - 1):
+    if lm_logits.dim() > 2:
+        if lm_logits.size(-2) != T or lm_logits[..., 0].numel() != n_seq * T:
+            raise ValueError(f"lm_logits of shape {tuple(lm_logits.shape)} do not fit X of shape {tuple(X.shape)}: "
+                             f"expected [{n_seq}, {T}, vocab], a row per position of each sequence")
+        # every row as it is (no copy of the logits without their last position): that position gets a
+        # placeholder target and its loss is dropped
+        targets = F.pad(tokens, (0, 1)).reshape(-1)
+        losses = criterion(lm_logits.reshape(n_seq * T, -1), targets).view(n_seq, T)[:, :-1]
+        summed = (losses * mask).sum(1)
+    elif lm_logits.size(0) == n_seq * (T - 1):
         losses = criterion(lm_logits, tokens.reshape(-1)).view(n_seq, T - 1)
         summed = (losses * mask).sum(1)
     else:
