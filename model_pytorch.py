@@ -1196,10 +1196,11 @@ def read_checkpoint(path):
 def _read_safetensors(path):
     """The tensors and the arguments train.py records in the metadata (none in files from elsewhere)."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    with safe_open(path, framework="pt") as f:  # reads the header only
         recorded = (f.metadata() or {}).get("args")
+    state = load_file(path)
     try:
         args = json.loads(recorded) if recorded else {}
     except json.JSONDecodeError as err:

@@ -44,7 +44,6 @@ SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
     "quick": (2000, 128, 4, 2),
 }
 ROWS = []
-KEPT_HOST_MEMORY = False  # whether this process has malloc keep freed memory (train.keep_freed_host_memory)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -280,7 +279,7 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
         model.to("cpu")
 
 
-def bench_passes(models, size, repeats):
+def bench_passes(models, size, repeats, kept_host_memory):
     """One pass of 32 stories against 4 passes of 8 (ours, fp32, CPU), alternating. Run it once as
     is and once with --glibc_malloc to see what keeping freed host memory changes."""
     n_vocab = size[0]
@@ -299,7 +298,7 @@ def bench_passes(models, size, repeats):
             train_update(model, batches, compute, opt, None, args, runtime)
         return step
 
-    kept = "kept" if KEPT_HOST_MEMORY else "glibc's default"
+    kept = "kept" if kept_host_memory else "glibc's default"
     variants = {"ours, one pass of 32": update(32), "ours, 4 passes of 8": update(8)}
     compare(f"update of 32, malloc {kept}", "ms", variants, repeats, work=None, seconds_scale=1000, note="(fp32; cpu)")
 
@@ -564,8 +563,7 @@ def main(argv=None):
     sections = set(args.only.split(","))
     gpu = f", {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if args.device.startswith("cuda") else ""
     # as train.py does on a CPU; both ours and transformers run in this process, so both gain
-    global KEPT_HOST_MEMORY
-    KEPT_HOST_MEMORY = kept = not args.device.startswith("cuda") and not args.glibc_malloc and keep_freed_host_memory()
+    kept = not args.device.startswith("cuda") and not args.glibc_malloc and keep_freed_host_memory()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}; "
           f"model {'quick' if args.quick else 'full'} {size}; freed host memory kept for reuse: {kept}")
@@ -585,7 +583,7 @@ def main(argv=None):
             if "updates" in sections:
                 bench_updates(models, size, args.updates)
             if "passes" in sections:
-                bench_passes(models, size, repeats)
+                bench_passes(models, size, repeats, kept)
             del models
         if "optimizer" in sections:
             bench_optimizer(size, repeats)
