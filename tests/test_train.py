@@ -17,7 +17,7 @@ import export_hf
 import train
 from conftest import ROOT
 from datasets import ROC_TEST, rocstories, rocstories_test_labels, write_synthetic_rocstories
-from model_pytorch import make_task_head, model_from_checkpoint, read_checkpoint
+from model_pytorch import MultipleChoiceHead, load_lm, make_task_head, model_from_checkpoint, read_checkpoint
 from random_weights import write_openai_weights
 from text_utils import learn_bpe
 
@@ -45,6 +45,11 @@ def arguments(setup, out, *extra):
             "--encoder_path", str(setup / "model" / "encoder.json"), "--bpe_path", str(setup / "model" / "vocab.bpe"),
             "--log_dir", str(out / "log"), "--save_dir", str(out / "save"), "--submission_dir", str(out / "sub"),
             "--desc", "run", *SIZES, *extra]
+
+
+def vocabulary_size(model_dir):
+    """Tokens in the learned vocabulary of a fixture's model folder."""
+    return len(json.loads((model_dir / "encoder.json").read_text()))
 
 
 def read_log(out):
@@ -88,10 +93,8 @@ def test_end_to_end_outputs_are_consistent(setup, tmp_path, capsys):
 
 def test_saved_parameters_load_for_generation_and_export_without_flags(setup, tmp_path):
     """Both files a run writes record its arguments: the loaders need no --n_head and build the run's head."""
-    from model_pytorch import MultipleChoiceHead, load_lm, model_from_checkpoint
-
     assert train.main(arguments(setup, tmp_path, "--submit")) == 0
-    n_vocab = len(json.loads((setup / "model" / "encoder.json").read_text()))
+    n_vocab = vocabulary_size(setup / "model")
     trained = final_state(tmp_path)["model"]
     for name in ("best_params.safetensors", "checkpoint.pt"):
         path = str(tmp_path / "save" / "run" / name)
@@ -109,7 +112,7 @@ def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
 
     from model_pytorch import DoubleHeadModel, GPTConfig
     vocab = final_state(tmp_path)["model"]["transformer.embed.weight"].shape[0]
-    n_vocab = len(json.loads((setup / "model" / "encoder.json").read_text()))
+    n_vocab = vocabulary_size(setup / "model")
     n_ctx = vocab - n_vocab - 3
     model = DoubleHeadModel(GPTConfig(n_embd=32, n_head=4, n_layer=2), n_vocab + 2, "multiple_choice",
                             vocab=vocab, n_ctx=n_ctx)
@@ -138,13 +141,23 @@ def test_interrupted_and_resumed_run_ends_the_same(setup, tmp_path, stop_after):
     assert (whole / "sub" / "ROCStories.tsv").read_text() == (parts / "sub" / "ROCStories.tsv").read_text()
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py")]
+
+
+def one_thread_env():
+    return dict(os.environ, OMP_NUM_THREADS="1")  # 2 processes on 2 cores
+
+
+def torchrun(argv, cwd):
+    """train.py in 2 CPU processes, run to its end."""
+    return subprocess.run(TORCHRUN + argv, cwd=cwd, env=one_thread_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
 def test_torchrun_two_processes_take_the_same_updates(setup, tmp_path):
     single, double = tmp_path / "single", tmp_path / "double"
     assert train.main(arguments(setup, single, *NO_DROPOUT)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *arguments(setup, double, *NO_DROPOUT)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun(arguments(setup, double, *NO_DROPOUT), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final_state(single)["model"], final_state(double)["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
@@ -197,7 +210,7 @@ def test_vocabulary_that_does_not_fit_the_weights(setup, tmp_path, capsys):
 
 
 def test_n_ctx_too_large_for_the_position_table(setup, tmp_path, capsys):
-    vocab = len(json.load(open(setup / "model" / "encoder.json")))
+    vocab = vocabulary_size(setup / "model")
     write_openai_weights(tmp_path / "w", n_vocab=vocab, n_ctx=16, n_embd=32, n_layer=2)
     argv = arguments(setup, tmp_path)
     argv[argv.index("--model_path") + 1] = str(tmp_path / "w")
@@ -722,10 +735,8 @@ def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
 
     argv = arguments(setup, tmp_path, *NO_DROPOUT)
     argv[argv.index("--n_iter") + 1] = "400"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *argv]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(TORCHRUN + argv, cwd=tmp_path, env=one_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     log = tmp_path / "log" / "run.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
@@ -788,7 +799,7 @@ def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
     assert train.main(task_arguments(task_folders, name, tmp_path, "--submit", "--analysis")) == 0
     printed = capsys.readouterr().out
     task = tasks.get_task(name)
-    n_vocab = len(json.loads((task_folders[name][1] / "encoder.json").read_text()))
+    n_vocab = vocabulary_size(task_folders[name][1])
     kept = model_from_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"), n_vocab,
                                  task_head_type="auto")  # the head of the recorded --dataset
     assert type(kept.task_head) is type(make_task_head(task.head, 0, kept.transformer.cfg))
@@ -931,10 +942,8 @@ def test_language_model_evaluation_bounds_the_logits_per_forward(corpus, tmp_pat
 
 def test_language_model_checkpoint_loads_with_its_own_positions(corpus, tmp_path):
     """checkpoint.pt records --dataset lm, so its loader counts no special rows (3 would shift every position)."""
-    from model_pytorch import load_lm
-
     assert train.main(lm_arguments(corpus, tmp_path, "--n_iter", "1")) == 0
-    n_vocab = len(json.loads((corpus / "model" / "encoder.json").read_text()))
+    n_vocab = vocabulary_size(corpus / "model")
     run = tmp_path / "save" / "run"
     from_checkpoint, from_folder = load_lm(str(run / "checkpoint.pt"), n_vocab), load_lm(str(run / "model"), n_vocab)
     assert from_checkpoint.transformer.n_ctx == from_folder.transformer.n_ctx == 32
@@ -1019,16 +1028,9 @@ def test_torchrun_resumed_run_with_dropout_ends_the_same(setup, tmp_path):
     """Each process draws its own dropout masks: the checkpoint keeps every rank's generator, so a
     resumed torchrun run ends with the parameters of an uninterrupted one (it reseeded the ranks)."""
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), *arguments(setup, out, *extra)]
-        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-    assert torchrun(whole).returncode == 0
-    assert "continue with --resume" in torchrun(parts, "--stop_after_updates", "3").stdout
-    result = torchrun(parts, "--resume")
+    assert torchrun(arguments(setup, whole), tmp_path).returncode == 0
+    assert "continue with --resume" in torchrun(arguments(setup, parts, "--stop_after_updates", "3"), tmp_path).stdout
+    result = torchrun(arguments(setup, parts, "--resume"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final_state(whole)["model"], final_state(parts)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
