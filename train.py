@@ -23,6 +23,7 @@ import platform
 import random
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -262,7 +263,11 @@ def encode_cached(splits, text_encoder, cache_dir):
             seqs = encoded[s][k]
             arrays[f"{s}_{k}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
             arrays[f"{s}_{k}_ids"] = np.fromiter((i for x in seqs for i in x), dtype=np.int32)
-        atomic_save(arrays, path, saver=save_npz)
+        try:
+            atomic_save(arrays, path, saver=save_npz)
+        except OSError as err:  # the cache only saves time: the run goes on without it
+            print(f"warning: could not write the encoding cache {path} ({err.strerror or err}); "
+                  f"encoding again next run", file=sys.stderr)
     return encoded
 
 
@@ -461,10 +466,15 @@ def atomic_save(obj, path, saver=torch.save):
     """Write through a temporary file and rename: a crash never leaves a half-written file."""
     make_path(path)
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    saver(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        saver(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def host_copy(obj):
@@ -1229,11 +1239,28 @@ def save_language_model(run):
         print(f"LM Valid Perplexity: {np.exp(cost):.2f}")
 
 
+def check_output_folders(args):
+    """Make the folders the run writes to and write a file in each, before any work: a run must not
+    train for hours and then fail on its log, checkpoint or submission folder."""
+    folders = [args.log_dir, args.save_dir]
+    if args.submit or args.analysis:
+        folders.append(args.submission_dir)
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise RunError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
+
+
 def run_training(args, runtime, parser_defaults=None, t_start=None):
     """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), prediction."""
     t_start = t_start or time.time()
     times = PhaseTimes(runtime)
     times.add("start-up", time.time() - t_start)
+    if runtime.main:
+        check_output_folders(args)
     run = set_up(args, runtime, times)
     ckpt = resume(run, parser_defaults or {}) if args.resume else None
     wrap_for_training(run)

@@ -201,6 +201,16 @@ def test_missing_weights(setup, tmp_path, capsys):
     expect_failure(argv, r"error: weights folder .*noweights' does not exist\. Get the weights", capsys)
 
 
+
+@pytest.mark.parametrize("flag", ["--log_dir", "--save_dir", "--submission_dir"])
+def test_an_output_folder_that_cannot_be_written_fails_before_training(setup, tmp_path, flag, capsys, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = arguments(setup, tmp_path, "--submit")
+    argv[argv.index(flag) + 1] = str(blocker / "out")
+    monkeypatch.setattr(train, "set_up", lambda *a: pytest.fail("set up before the output folders were checked"))
+    expect_failure(argv, rf"error: cannot write to the output folder {re.escape(str(blocker / 'out'))}: ", capsys)
+
 def test_vocabulary_that_does_not_fit_the_weights(setup, tmp_path, capsys):
     write_openai_weights(tmp_path / "w", n_vocab=123, n_ctx=96, n_embd=32, n_layer=2)
     argv = arguments(setup, tmp_path)
@@ -560,6 +570,17 @@ def test_encoding_is_cached_and_follows_the_data(setup, tmp_path, monkeypatch):
     assert calls == [1]  # the data changed: encoded again
     assert not np.array_equal(changed.splits["test"][0], first.splits["test"][0])
 
+
+
+def test_an_unwritable_encoding_cache_warns_and_the_run_goes_on(setup, tmp_path, capsys):
+    """The cache only saves time: a folder that cannot be made (here under a file) is one warning."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    assert train.main(arguments(setup, tmp_path, "--n_iter", "1", "--cache_dir", str(cache))) == 0
+    err = capsys.readouterr().err
+    assert f"could not write the encoding cache {cache}" in err and "Traceback" not in err
+    assert (tmp_path / "save" / "run" / "checkpoint.pt").exists()
 
 # ----------------------------------------------------------------------------- the objective, schedule, best parameters
 
