@@ -28,9 +28,8 @@ from model_pytorch import (
     model_from_checkpoint,
     model_from_pretrained,
 )
+from tasks import SPECIAL_TOKENS
 from text_utils import TextEncoder, VocabularyError
-
-TRAIN_SPECIALS = ("_start_", "_delimiter_", "_classify_")  # the special tokens train.py adds, in id order
 
 
 class ExportError(ValueError):
@@ -41,7 +40,7 @@ def special_token_names(text_encoder, n_special, special_tokens=None):
     """Names of the n_special rows: those the encoder holds (ids n_vocab ...), else the given ones,
     else train.py's three."""
     held = sorted((i, name) for name, i in text_encoder.encoder.items() if i >= text_encoder.n_vocab)
-    names = [name for _, name in held] or list(special_tokens or (TRAIN_SPECIALS if n_special == 3 else ()))
+    names = [name for _, name in held] or list(special_tokens or (SPECIAL_TOKENS if n_special == 3 else ()))
     if len(names) != n_special:
         raise ExportError(f"the model has {n_special} special rows but {len(names)} special token names were "
                           f"found ({names}); give their names in id order (--special_tokens)")

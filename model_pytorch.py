@@ -712,6 +712,8 @@ def load_openai_pretrained_model(model, n_ctx=-1, n_special=-1, n_transfer=12, n
     same weights in Hugging Face format (config.json + model.safetensors or pytorch_model.bin).
     n_ctx: position rows kept (-1: the model's n_ctx). n_special: new rows between the token and
     position rows, drawn from N(0, 0.02) (-1: whatever the model's vocab leaves over).
+    A Hugging Face folder that export_hf.py wrote from a fine-tune holds its special rows after the
+    token rows (`added_tokens.json` names them): those trained rows are loaded as the special rows.
     n_transfer: -1 loads nothing; k loads the embedding and the first k layers.
     special_rows: how the n_special new rows are drawn: None from torch's generator (N(0, 0.02)),
     a numpy RandomState as the original (`randn(n_special, n_embd) * 0.02`, float32; train.py passes
@@ -753,6 +755,27 @@ def pretrained_sizes(path):
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     return int(config.get("vocab_size", N_VOCAB)), int(config.get("n_positions", 512))
+
+
+def exported_special_tokens(path, n_rows):
+    """Names, in id order, of the special rows that a Hugging Face folder's token embedding of n_rows
+    rows holds after its vocabulary: the added tokens of `added_tokens.json` (as export_hf.py and
+    `transformers` write it) whose ids are the last rows. [] for OpenAI's shards, or where there
+    are none (the pre-trained weights)."""
+    file = os.path.join(path, "added_tokens.json")
+    if weights_format(path) != "hf" or not os.path.exists(file):
+        return []
+    try:
+        with open(file, encoding="utf-8") as f:
+            added = json.load(f)
+    except ValueError as err:
+        raise WeightsError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(added, dict) or not all(type(i) is int for i in added.values()):
+        raise WeightsError(f"{file}: expected a JSON object of token name -> id")
+    names = [name for name, _ in sorted(added.items(), key=lambda item: item[1])]
+    if sorted(added.values()) != list(range(n_rows - len(names), n_rows)):
+        return []  # added to the tokenizer only: the embedding holds no row for them
+    return names
 
 
 def read_npy_header(f, file_name):
@@ -960,16 +983,24 @@ def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer, special_rows=N
                 f"{source}: tensor {prefix + name!r} has shape {list(t.shape)}, expected [rows, {n_embd}]"
             )
     n_vocab = tokens.size(0)
+    # a fine-tune's export holds its special rows after the token rows: with as many special rows
+    # asked for, they fill them (otherwise, as for generation, every row is a token row)
+    special_from_file = n_special > 0 and len(exported_special_tokens(path, n_vocab)) == n_special
+    if special_from_file:
+        n_vocab -= n_special
     n_ctx, n_special = _embedding_layout(body, n_vocab, positions.size(0), n_ctx, n_special, source)
     we = body.embed.weight
-    we[:n_vocab].copy_(tokens)
+    we[:n_vocab].copy_(tokens[:n_vocab])
     we[n_vocab + n_special:].copy_(positions[:n_ctx])
+    trained_special_rows = tokens[n_vocab:].clone() if special_from_file else None
     del tokens, positions
     for i in range(n_layers):
         for ours, theirs in zip(LAYER_PARAMS, HF_LAYER_PARAMS):
             p = body.h[i].get_parameter(ours)
             p.copy_(tensor(f"h.{i}.{theirs}", p.shape))
-    _fill_special_rows(body, n_vocab, n_special, special_rows)
+    _fill_special_rows(body, n_vocab, n_special, special_rows)  # drawn in any case: a seed's stream stays
+    if special_from_file:
+        we[n_vocab:n_vocab + n_special].copy_(trained_special_rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,11 +56,14 @@ class Specials:
     n_special: int = 3
 
 
+SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")  # the rows a fine-tune adds, in id order
+
+
 def add_specials(text_encoder):
     """Append `_start_`, `_delimiter_`, `_classify_` to the encoder (ids n_vocab, +1, +2)."""
     encoder = text_encoder.encoder
     n_vocab = len(encoder)
-    for name in ("_start_", "_delimiter_", "_classify_"):
+    for name in SPECIAL_TOKENS:
         encoder[name] = len(encoder)
     return Specials(n_vocab, encoder["_start_"], encoder["_delimiter_"], encoder["_classify_"])
 

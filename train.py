@@ -43,6 +43,7 @@ from model_pytorch import (
     DoubleHeadModel,
     LMModel,
     WeightsError,
+    exported_special_tokens,
     first_classify_positions,
     load_openai_pretrained_model,
     make_config,
@@ -52,6 +53,7 @@ from model_pytorch import (
 )
 from opt import SCHEDULES, OpenAIAdam
 from tasks import (
+    SPECIAL_TOKENS,
     TASKS,
     LanguageModelTask,
     RocStoriesTask,
@@ -928,12 +930,17 @@ def set_up(args, runtime, times):
 
     with times("encoding"):
         run.text_encoder = text_encoder = TextEncoder(args.encoder_path, args.bpe_path)
-        n_vocab_weights, n_positions = pretrained_sizes(args.model_path)
-        if len(text_encoder.encoder) != n_vocab_weights:
+        n_rows, n_positions = pretrained_sizes(args.model_path)
+        held = exported_special_tokens(args.model_path, n_rows)  # a fine-tune's export: its special rows
+        if len(text_encoder.encoder) != n_rows - len(held):
             raise RunError(f"the vocabulary {args.encoder_path} has {len(text_encoder.encoder)} entries but the "
-                           f"weights in {args.model_path} have {n_vocab_weights} token rows: they do not belong "
-                           "together")
-        run.data = load_task_data(args, text_encoder, task_for(args))
+                           f"weights in {args.model_path} have {n_rows - len(held)} token rows"
+                           + (f" (and {len(held)} special rows)" if held else "") + ": they do not belong together")
+        task = task_for(args)
+        if held and not isinstance(task, LanguageModelTask) and tuple(held) != SPECIAL_TOKENS:
+            raise RunError(f"the weights in {args.model_path} hold the special rows {', '.join(held)}; a fine-tune "
+                           f"needs {', '.join(SPECIAL_TOKENS)} in this order")
+        run.data = load_task_data(args, text_encoder, task)
     data = run.data
     if data.n_ctx > n_positions:
         raise RunError(f"the data needs n_ctx={data.n_ctx} positions but the weights have only {n_positions}; "

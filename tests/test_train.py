@@ -815,6 +815,46 @@ def task_arguments(task_folders, name, out, *extra):
             "--n_ctx", "128", *extra]
 
 
+
+def exported_fine_tune(setup, tmp_path, *export_flags):
+    """(best_params.safetensors, export_hf.py's folder of it) of a one-epoch fine-tune."""
+    first = tmp_path / "first"
+    assert train.main(arguments(setup, first, "--n_iter", "1", "--submit")) == 0  # --submit keeps the best
+    best, hf = first / "save" / "run" / "best_params.safetensors", tmp_path / "hf"
+    assert export_hf.main(["--model_path", str(best), "--out", str(hf), "--encoder_path",
+                           str(setup / "model" / "encoder.json"), "--bpe_path", str(setup / "model" / "vocab.bpe"),
+                           *export_flags]) == 0
+    return best, hf
+
+
+def test_fine_tuning_goes_on_from_an_exported_fine_tune(setup, tmp_path):
+    """export_hf.py's folder of a fine-tune holds its trained special rows after the token rows
+    (added_tokens.json names them): as --model_path it starts the next fine-tune with those rows,
+    not new draws, and with every other weight as exported."""
+    best, hf = exported_fine_tune(setup, tmp_path)
+    argv = arguments(setup, tmp_path / "second", "--n_iter", "1")
+    argv[argv.index("--model_path") + 1] = str(hf)
+    runtime = train.Runtime(torch.device("cpu"))
+    run = train.set_up(train.parse_args(argv), runtime, train.PhaseTimes(runtime))
+    exported = read_checkpoint(str(best))[0]
+    loaded = run.model.state_dict()
+    for name, tensor in exported.items():
+        if not name.startswith("task_head"):  # a new head, as from pre-trained weights
+            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    n_vocab = vocabulary_size(setup / "model")
+    drawn = train.set_up(train.parse_args(arguments(setup, tmp_path / "third")), runtime, train.PhaseTimes(runtime))
+    assert not torch.equal(exported["transformer.embed.weight"][n_vocab:n_vocab + 3],
+                           drawn.model.transformer.embed.weight[n_vocab:n_vocab + 3])  # trained, not the seed's draw
+    assert train.main(argv) == 0
+
+
+def test_exported_special_rows_that_are_not_a_fine_tunes_are_refused(setup, tmp_path, capsys):
+    _, hf = exported_fine_tune(setup, tmp_path, "--special_tokens", "<a>", "<b>", "<c>")
+    argv = arguments(setup, tmp_path / "second")
+    argv[argv.index("--model_path") + 1] = str(hf)
+    expect_failure(argv, r"hold the special rows <a>, <b>, <c>; a fine-tune needs _start_, _delimiter_, _classify_",
+                   capsys)
+
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
     import tasks
