@@ -1,5 +1,6 @@
 """train.py end to end on a small synthetic ROCStories folder: outputs, resume, torchrun, failures."""
 
+import contextlib
 import json
 import os
 import platform
@@ -581,6 +582,61 @@ def test_an_unwritable_encoding_cache_warns_and_the_run_goes_on(setup, tmp_path,
     err = capsys.readouterr().err
     assert f"could not write the encoding cache {cache}" in err and "Traceback" not in err
     assert (tmp_path / "save" / "run" / "checkpoint.pt").exists()
+
+
+# On a CUDA device (skipped elsewhere): what the CPU tests above show by counting calls, checked by
+# CUDA itself, and the device's numbers against the CPU's.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@contextlib.contextmanager
+def cuda_syncs_are_errors():
+    """Any synchronising CUDA call inside raises (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", [[], ["--amp", "bf16"]], ids=["fp32", "bf16"])
+def test_cuda_update_and_evaluation_forward_never_synchronise(setup, tmp_path, monkeypatch, amp):
+    from model_pytorch import DoubleHeadModel
+
+    real_update, real_forward, checked = train.train_update, DoubleHeadModel.forward, []
+
+    def update(*a, **k):
+        with cuda_syncs_are_errors():
+            checked.append("update")
+            return real_update(*a, **k)
+
+    def forward(self, *a, **k):
+        if self.training:
+            return real_forward(self, *a, **k)
+        with cuda_syncs_are_errors():
+            checked.append("evaluation")
+            return real_forward(self, *a, **k)
+
+    monkeypatch.setattr(train, "train_update", update)
+    monkeypatch.setattr(DoubleHeadModel, "forward", forward)
+    assert train.main(arguments(setup, tmp_path, "--n_iter", "1", "--device", "cuda", *amp)) == 0
+    assert checked.count("update") == 5 and "evaluation" in checked
+
+
+@needs_cuda
+@pytest.mark.parametrize("flags", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_cuda_training_equals_the_cpu(setup, tmp_path, flags):
+    """fp32 on the GPU (CUDA graphs with --compile) against the CPU's eager run, at the paper's
+    learning rate, where training moves weights by about 3e-4."""
+    cpu, cuda = tmp_path / "cpu", tmp_path / "cuda"
+    common = [*NO_DROPOUT, "--n_iter", "1", "--lr", "6.25e-5"]
+    assert train.main(arguments(setup, cpu, *common, "--device", "cpu")) == 0
+    assert train.main(arguments(setup, cuda, *common, "--device", "cuda", *flags)) == 0
+    a, b = final_state(cpu)["model"], final_state(cuda)["model"]
+    worst = max((a[k] - b[k].cpu()).abs().max().item() for k in a)
+    print(f"cuda {flags} vs cpu: max parameter difference {worst:.1e}")
+    assert worst <= 2e-5
 
 # ----------------------------------------------------------------------------- the objective, schedule, best parameters
 
