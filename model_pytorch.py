@@ -983,11 +983,16 @@ def _load_hf_checkpoint(body, path, n_ctx, n_special, n_transfer, special_rows=N
                 f"{source}: tensor {prefix + name!r} has shape {list(t.shape)}, expected [rows, {n_embd}]"
             )
     n_vocab = tokens.size(0)
-    # a fine-tune's export holds its special rows after the token rows: with as many special rows
-    # asked for, they fill them (otherwise, as for generation, every row is a token row)
-    special_from_file = n_special > 0 and len(exported_special_tokens(path, n_vocab)) == n_special
-    if special_from_file:
-        n_vocab -= n_special
+    # A fine-tune's export holds its special rows after the token rows. Where the model's vocabulary
+    # leaves them out, they fill its special rows (as many asked for) or stay behind (none asked
+    # for); where it holds them (generation from the export), every row is a token row.
+    held = len(exported_special_tokens(path, n_vocab))
+    special_from_file = False
+    if held and n_special in (0, held):
+        model_ctx = body.n_ctx if n_ctx < 0 else n_ctx
+        if n_vocab - held + n_special + model_ctx == body.embed.weight.size(0):
+            n_vocab -= held
+            special_from_file = n_special == held
     n_ctx, n_special = _embedding_layout(body, n_vocab, positions.size(0), n_ctx, n_special, source)
     we = body.embed.weight
     we[:n_vocab].copy_(tokens[:n_vocab])

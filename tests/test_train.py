@@ -904,6 +904,32 @@ def test_fine_tuning_goes_on_from_an_exported_fine_tune(setup, tmp_path):
     assert train.main(argv) == 0
 
 
+def test_a_language_model_trains_from_an_exported_fine_tune(setup, tmp_path):
+    """A language model has no special rows: the export's stay behind, every other row loads."""
+    import random as _random
+
+    from datasets import synthetic_story
+
+    best, hf = exported_fine_tune(setup, tmp_path)
+    text = tmp_path / "corpus"
+    text.mkdir()
+    rng = _random.Random(4)
+    (text / "a.txt").write_text("\n".join(" ".join(s) + " " + e1 for s, e1, _, _ in
+                                          (synthetic_story(rng) for _ in range(60))) + "\n")
+    out = tmp_path / "lm"
+    argv = ["--dataset", "lm", "--data_dir", str(text), "--model_path", str(hf),
+            "--encoder_path", str(setup / "model" / "encoder.json"), "--bpe_path", str(setup / "model" / "vocab.bpe"),
+            "--log_dir", str(out / "log"), "--save_dir", str(out / "save"), "--desc", "run", "--n_embd", "32",
+            "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_ctx", "16", "--n_batch", "4", "--n_gpu", "2",
+            "--n_iter", "1", "--n_valid", "8", "--lr", "0"]
+    assert train.main(argv) == 0
+    exported, trained = read_checkpoint(str(best))[0]["transformer.embed.weight"], final_state(out)["model"]
+    n_vocab = vocabulary_size(setup / "model")
+    we = trained["transformer.embed.weight"]
+    assert we.size(0) == n_vocab + 16  # token and position rows, no special row
+    torch.testing.assert_close(we[:n_vocab], exported[:n_vocab], rtol=0, atol=0)
+    torch.testing.assert_close(we[n_vocab:], exported[n_vocab + 3:n_vocab + 3 + 16], rtol=0, atol=0)
+
 def test_exported_special_rows_that_are_not_a_fine_tunes_are_refused(setup, tmp_path, capsys):
     _, hf = exported_fine_tune(setup, tmp_path, "--special_tokens", "<a>", "<b>", "<c>")
     argv = arguments(setup, tmp_path / "second")
