@@ -583,6 +583,13 @@ def rank_generators(runtime):
     return states
 
 
+def restore_rank_generators(mine, device):
+    """This process's own dropout generators, as `rank_generators` gathered them."""
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
 def restore_rng(state):
     """Restore the generators; CUDA states only for the devices this machine has (a checkpoint
     made with more GPUs, or on a GPU machine resumed on a CPU, still resumes)."""
@@ -993,11 +1000,8 @@ def resume(run, parser_defaults):
     restore_rng(ckpt["rng"])
     run.data_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
     ranks = ckpt["rng"].get("ranks")
-    if run.runtime.world > 1 and ranks and len(ranks) == run.runtime.world:  # each process's own generators
-        mine = ranks[run.runtime.rank]
-        torch.set_rng_state(mine["torch"])
-        if "cuda" in mine and run.runtime.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], run.runtime.device)
+    if run.runtime.world > 1 and ranks and len(ranks) == run.runtime.world:
+        restore_rank_generators(ranks[run.runtime.rank], run.runtime.device)
     elif run.runtime.world > 1:  # another number of processes: one new stream per rank
         torch.manual_seed(args.seed + run.runtime.rank + 1_000_003 * run.progress.n_updates)
     if args.submit and not os.path.exists(run.best_path):
