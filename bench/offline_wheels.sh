@@ -20,13 +20,13 @@ python3 -m pip download -q --only-binary=:all: --python-version "$py" --implemen
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     -d "$dir" "${packages[@]}"
+present=(numpy setuptools packaging requests urllib3 idna certifi charset_normalizer jinja2 markupsafe
+         typing_extensions filelock fsspec pyyaml regex tqdm rich pygments markdown_it_py mdurl click typer
+         shellingham anyio h11 httpcore httpx hf_xet safetensors wrapt annotated_doc)
 if [[ "${KEEP_ALL:-0}" != 1 ]]; then
-    present=" numpy setuptools packaging requests urllib3 idna certifi charset_normalizer jinja2 markupsafe
-              typing_extensions filelock fsspec pyyaml regex tqdm rich pygments markdown_it_py mdurl click
-              typer shellingham anyio h11 httpcore httpx hf_xet safetensors wrapt annotated_doc "
     for wheel in "$dir"/*.whl; do
         name=$(basename "$wheel" | cut -d- -f1 | tr 'A-Z' 'a-z')
-        if [[ "$present" == *" $name "* || "$present" == *" $name"$'\n'* ]]; then rm "$wheel"; fi
+        if [[ " ${present[*]} " == *" $name "* ]]; then rm "$wheel"; fi
     done
 fi
 du -sh "$dir"
