@@ -2,28 +2,18 @@
 optional PNG learning curve."""
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 from datasets import rocstories_test_labels
+from utils import json_lines, read_text_file
 
 
 def read_log(log_path):
     """(arguments of the run, list of logged points) from a JSON-lines log."""
-    if not os.path.exists(log_path):
-        raise FileNotFoundError(f"log file {log_path!r} not found")
-    lines = []
-    with open(log_path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{log_path}, line {line_no}: not a JSON object ({err})") from None
+    lines = [value for _, value in json_lines(read_text_file(log_path, ValueError, "log file"), log_path)]
     if not lines:
         raise ValueError(f"{log_path}: empty log")
     return lines[0], [line for line in lines[1:] if "va_acc" in line]

@@ -1,24 +1,28 @@
-"""Data sets (docs/reference.md §5): ROCStories Story Cloze with the original's files, split and
-labels, and loaders for a user's own CSV files.
+"""Reading data files (docs/reference.md §5, docs/tasks.md "Reading the files"): one CSV/TSV stack,
+ROCStories' Story Cloze files with the original's split, the task formats (GLUE and SciTail TSV,
+SNLI JSON lines, RACE JSON), and loaders for a user's own CSV files.
 
-CSV files are read with a real CSV reader: UTF-8 with or without a byte-order mark, quoted fields
-holding commas, quotes or newlines, and CRLF line ends. Errors name the file and line; every
-reader gets its text from `read_text`, which names the line and column of a byte that is not UTF-8.
+Every reader gets its text from `read_text`, which names the line and column of a byte that is not
+UTF-8; every error is a DataError naming the file and line (RACE: the question).
 """
 
-import codecs
 import csv
+import glob
 import io
 import os
-import re
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+from utils import json_lines, parse_json, read_text_file
 
 SEED = 3535999445  # the original's split seed
 ROC_VAL = "cloze_test_val__spring2016 - cloze_test_ALL_val.csv"
 ROC_TEST = "cloze_test_test__spring2016 - cloze_test_ALL_test.csv"
 ROC_COLUMNS = 8  # id, four sentences, ending 1, ending 2, right ending (1 or 2)
+ROC_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+              "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
 ROC_HINT = ("ROCStories / Story Cloze Test (Spring 2016) is obtained from "
             "https://cs.rochester.edu/nlp/rocstories/ (free, on request).")
 
@@ -28,54 +32,36 @@ class DataError(ValueError):
 
 
 def read_text(path):
-    """The text of a UTF-8 data file (a byte-order mark is dropped, line ends are kept as they are).
+    """The text of a UTF-8 data file (a byte-order mark dropped, line ends kept as they are)."""
+    return read_text_file(path, DataError, what="data file")
 
-    A byte that is not UTF-8 gives a DataError naming its line and column, as other data errors
-    do; every reader of a data file should get its text here.
+
+def read_rows(path, delimiter=",", quotes=True):
+    """(line number where the row starts, cells) of each non-blank row of a delimited file.
+
+    quotes=True reads CSV as spreadsheets write it (quoted fields may hold the delimiter, quotes and
+    line breaks); quotes=False takes quotes as plain characters, so one line is one row (GLUE's TSV
+    files hold unbalanced quotes, which a quote-aware reader would run across tabs and lines).
     """
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} not found")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL if quotes else csv.QUOTE_NONE)
+    rows, line_no = [], 1
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(undecodable_message(path, data, err)) from None
-
-
-LINE_END = re.compile(rb"\r\n|\r|\n")  # the line ends the csv module counts
-
-
-def undecodable_message(path, data, err):
-    """'FILE, line L, column C: not UTF-8 text (byte 0xNN ...)' for the first bad byte of `data`."""
-    line_ends = list(LINE_END.finditer(data, 0, err.start))
-    line_start = line_ends[-1].end() if line_ends else 0
-    column = len(data[line_start:err.start].decode("utf-8")) + 1  # characters, all valid before err.start
-    return (f"{path}, line {len(line_ends) + 1}, column {column}: not UTF-8 text (byte 0x{data[err.start]:02x}: "
-            f"{err.reason}); save the file as UTF-8")
-
-
-def read_csv_rows(path, **reader_options):
-    """(line number, row) for each non-blank row after the header, and the header.
-
-    `reader_options` go to `csv.reader` (e.g. delimiter="\\t" for a TSV file).
-    """
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), **reader_options)
-    try:
-        header = _trim(next(reader, None) or [])
-        if not header:
-            raise DataError(f"{path}: the file is empty; expected a header row")
-        rows = []
-        line_no = reader.line_num + 1
         for row in reader:
             if any(cell.strip() for cell in row):
                 rows.append((line_no, row))
             line_no = reader.line_num + 1
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: {err}") from None
-    return header, rows
+    return rows
+
+
+def read_csv_rows(path, delimiter=",", quotes=True):
+    """(header, [(line number, row)]) of a delimited file with a header row."""
+    rows = read_rows(path, delimiter, quotes)
+    if not rows:
+        raise DataError(f"{path}: the file is empty; expected a header row")
+    return _trim(rows[0][1]), rows[1:]
 
 
 def _trim(row):
@@ -98,6 +84,10 @@ def _label(path, line_no, value, allowed):
         raise DataError(f"{path}, line {line_no}: label {value!r} is not one of {', '.join(allowed)}")
     return allowed.index(value)
 
+
+# ------------------------------------------------------------------------------------------------
+# ROCStories
+# ------------------------------------------------------------------------------------------------
 
 def _rocstories(path, labelled=True):
     """Stories (four sentences joined by spaces), endings 1 and 2, labels (right ending - 1).
@@ -169,6 +159,192 @@ def rocstories_test_labels(data_dir):
 
 
 # ------------------------------------------------------------------------------------------------
+# The task formats: what a split holds once read, and one reader per format
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """One split as read from disk."""
+
+    texts: tuple                 # one list of str per text field, e.g. (premises, hypotheses)
+    labels: np.ndarray | None    # int64 class indices, float32 scores (STS-B), None when unlabelled
+    title: str                   # how reports name it: "SST-2 Dev", "MNLI-mm Dev", "RACE Test"
+    submission: str | None = None  # the GLUE server's file name ("SST-2.tsv") for a GLUE test set
+    index: list | None = None    # the test file's own ids, for the submission's index column
+    groups: dict | None = None   # {title: int64 indices} of parts reported on their own (RACE-m, RACE-h)
+    notes: list = field(default_factory=list)  # what the reader skipped or dropped, for the caller to print
+    dropped: int = 0             # rows skipped (malformed) or dropped (no gold label)
+
+    def __len__(self):
+        return len(self.texts[0])
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a TSV file keeps its texts, label and index: header names, or 0-based positions in a
+    file without a header (then n_columns says how many columns a row has)."""
+
+    texts: tuple
+    label: str | int | None = None
+    index: str | int | None = None
+    n_columns: int | None = None
+
+    @property
+    def header(self):
+        return self.n_columns is None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split's files (relative to the task's folder; RACE: glob patterns), its report title,
+    whether it has labels and, for a GLUE test set, the submission file name."""
+
+    key: str
+    files: tuple
+    title: str
+    labelled: bool = True
+    submission: str | None = None
+    columns: Columns | None = None
+
+
+# The readers below take the task for what only it knows: label_id (a label's class or score, or an
+# error naming the place), label_array, and where used skip_malformed, n_choices and title.
+
+def _positions(path, header_row, columns, labelled):
+    """Column positions of the texts, the label and the index, from the header or as declared."""
+    wanted = [*columns.texts, *([columns.label] if labelled else []),
+              *([columns.index] if columns.index is not None else [])]
+    if not columns.header:
+        return wanted, columns.n_columns
+    line_no, header = header_row
+    header = [h.strip() for h in header]
+    missing = [w for w in wanted if w not in header]
+    if missing:
+        raise DataError(f"{path}, line {line_no}: the header lacks column(s) {', '.join(map(repr, missing))}; "
+                        f"found {header}")
+    return [header.index(w) for w in wanted], len(header)
+
+
+def read_tsv_split(folder, source, task):
+    """A GLUE or SciTail TSV file: texts, labels (when labelled) and the index column (when declared)."""
+    path = os.path.join(folder, source.files[0])
+    columns = source.columns
+    rows = read_rows(path, delimiter="\t", quotes=False)
+    header_row = None
+    if columns.header:
+        if not rows:
+            raise DataError(f"{path}: the file is empty; expected a header row")
+        header_row, rows = rows[0], rows[1:]
+    positions, n_columns = _positions(path, header_row, columns, source.labelled)
+    n_text = len(columns.texts)
+    texts, labels, index, skipped = [[] for _ in range(n_text)], [], [], 0
+    for line_no, row in rows:
+        if len(row) != n_columns:
+            if task.skip_malformed:
+                skipped += 1
+                continue
+            raise DataError(f"{path}, line {line_no}: expected {n_columns} tab-separated columns, found {len(row)}")
+        for text, i in zip(texts, positions[:n_text]):
+            text.append(row[i].strip())
+        if source.labelled:
+            labels.append(task.label_id(row[positions[n_text]], path, line_no))
+        if columns.index is not None:
+            index.append(row[positions[-1]].strip())
+    if not texts[0]:
+        raise DataError(f"{path}: no examples")
+    notes = []
+    if skipped:
+        notes.append(f"skipped {skipped} malformed rows (not {n_columns} columns) in {path}"
+                     + ("; they get no prediction" if not source.labelled else ""))
+    return Split(tuple(texts), task.label_array(labels) if source.labelled else None, source.title,
+                 source.submission, index or None, notes=notes, dropped=skipped)
+
+
+def read_snli(folder, source, task):
+    """SNLI's JSON lines; pairs whose gold_label is '-' (no annotator majority) are dropped."""
+    path = os.path.join(folder, source.files[0])
+    premises, hypotheses, labels, dropped = [], [], [], 0
+    for line_no, pair in json_lines(read_text(path), path, DataError):
+        missing = [k for k in ("sentence1", "sentence2", "gold_label") if not isinstance(pair, dict) or k not in pair]
+        if missing:
+            raise DataError(f"{path}, line {line_no}: expected an object with sentence1, sentence2 and gold_label; "
+                            f"{', '.join(missing)} missing")
+        if pair["gold_label"] == "-":
+            dropped += 1
+            continue
+        not_text = [k for k in ("sentence1", "sentence2") if not isinstance(pair[k], str)]
+        if not_text:  # null (pandas writes NaN so) or a number: str() would train on the text "None"
+            raise DataError(f"{path}, line {line_no}: {', '.join(not_text)} is {json_type(pair[not_text[0]])}; "
+                            "expected a string")
+        labels.append(task.label_id(str(pair["gold_label"]), path, line_no))
+        premises.append(pair["sentence1"].strip())
+        hypotheses.append(pair["sentence2"].strip())
+    if not labels:
+        raise DataError(f"{path}: no labelled pairs")
+    notes = [f"dropped {dropped} pairs with gold_label '-' (no majority) in {path}"] if dropped else []
+    return Split((premises, hypotheses), task.label_array(labels), source.title, notes=notes, dropped=dropped)
+
+
+def json_type(value):
+    """How JSON names a value's type, for errors: 'null', 'a number', 'a string' ..."""
+    if value is None:
+        return "null"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _race_questions(path, task):
+    """(article, question, options, label) for each question of one RACE file."""
+    doc = parse_json(read_text(path), path, DataError)
+    keys = ("article", "questions", "options", "answers")
+    if not isinstance(doc, dict) or any(k not in doc for k in keys):
+        raise DataError(f"{path}: expected a JSON object with {', '.join(keys)}")
+    # Wrong JSON types are errors here: len() of a number would crash, a string would pass as a list of
+    # characters, and null would become the text "None".
+    if not isinstance(doc["article"], str):
+        raise DataError(f"{path}: the article is {json_type(doc['article'])}; expected a string")
+    for key in keys[1:]:
+        if not isinstance(doc[key], list):
+            raise DataError(f"{path}: {key} is {json_type(doc[key])}; expected a list, one entry per question")
+    if not len(doc["questions"]) == len(doc["options"]) == len(doc["answers"]):
+        raise DataError(f"{path}: {len(doc['questions'])} questions, {len(doc['options'])} option lists and "
+                        f"{len(doc['answers'])} answers; expected as many of each")
+    for q, (question, options, answer) in enumerate(zip(doc["questions"], doc["options"], doc["answers"]), 1):
+        if not isinstance(options, list) or len(options) != task.n_choices:
+            found = len(options) if isinstance(options, list) else json_type(options)
+            raise DataError(f"{path}, question {q}: expected {task.n_choices} options, found {found}")
+        if not all(isinstance(text, str) for text in (question, *options)):
+            raise DataError(f"{path}, question {q}: the question and its options must be strings")
+        yield doc["article"], question, options, task.label_id(str(answer), path, f"question {q}")
+
+
+def _race_sort_key(path):
+    """RACE's files are numbered (1.txt, 2.txt, ... 10.txt): sort them by number."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+def read_race(folder, source, task):
+    """RACE's JSON files, middle school first, then high school; one example per question. The
+    groups name each level's examples (RACE-m, RACE-h); the split's own title covers both."""
+    articles, questions, options, labels, groups = [], [], [[] for _ in range(task.n_choices)], [], {}
+    for pattern in source.files:
+        level = pattern.split("/")[1]  # "middle" or "high"
+        start = len(labels)
+        for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)), key=_race_sort_key):
+            for article, question, opts, label in _race_questions(path, task):
+                articles.append(article.strip())
+                questions.append(question.strip())
+                for choice, option in zip(options, opts):
+                    choice.append(option.strip())
+                labels.append(label)
+        groups[source.title.replace(task.title, f"{task.title}-{level[0]}", 1)] = np.arange(start, len(labels))
+    if not labels:  # files whose question lists are all empty: an empty split would fail deep in training
+        raise DataError(f"{folder}: no questions in {' or '.join(source.files)}")
+    return Split((articles, questions, *options), task.label_array(labels), source.title, groups=groups)
+
+
+# ------------------------------------------------------------------------------------------------
 # A user's own CSV files
 # ------------------------------------------------------------------------------------------------
 
@@ -180,17 +356,28 @@ def _columns(path, header, wanted):
     return [header.index(c) for c in wanted]
 
 
+def _own_rows(path, wanted):
+    """(header positions of `wanted`, the rows as (line number, row)) of a user's CSV; a row of the
+    wrong width is an error when it is reached."""
+    header, rows = read_csv_rows(path)
+    idx = _columns(path, header, wanted)
+
+    def checked():
+        for line_no, row in rows:
+            if len(_trim(row)) > len(header) or len(row) <= max(idx):
+                raise DataError(f"{path}, line {line_no}: expected {len(header)} columns, found {len(row)}")
+            yield line_no, row
+    return idx, checked()
+
+
 def read_classification_csv(path, text_column="text", label_column="label", labels=None):
     """(texts, label ids, label names) from a CSV with a text and a label column.
 
     Label names are sorted unless `labels` gives their order.
     """
-    header, rows = read_csv_rows(path)
-    i_text, i_label = _columns(path, header, [text_column, label_column])
+    (i_text, i_label), rows = _own_rows(path, [text_column, label_column])
     texts, raw = [], []
     for line_no, row in rows:
-        if len(_trim(row)) > len(header) or len(row) <= max(i_text, i_label):
-            raise DataError(f"{path}, line {line_no}: expected {len(header)} columns, found {len(row)}")
         texts.append(_nonempty(path, line_no, row[i_text], text_column))
         raw.append((line_no, _nonempty(path, line_no, row[i_label], label_column)))
     names = list(labels) if labels is not None else sorted({r for _, r in raw})
@@ -201,13 +388,10 @@ def read_classification_csv(path, text_column="text", label_column="label", labe
 def read_multiple_choice_csv(path, context_column, ending_columns, label_column):
     """(contexts, [endings of choice 1, ...], labels) from a CSV; a label is the 1-based number of
     the right ending (as ROCStories) or its column name."""
-    header, rows = read_csv_rows(path)
-    idx = _columns(path, header, [context_column, *ending_columns, label_column])
+    idx, rows = _own_rows(path, [context_column, *ending_columns, label_column])
     allowed = [str(i + 1) for i in range(len(ending_columns))]
     contexts, endings, labels = [], [[] for _ in ending_columns], []
     for line_no, row in rows:
-        if len(_trim(row)) > len(header) or len(row) <= max(idx):
-            raise DataError(f"{path}, line {line_no}: expected {len(header)} columns, found {len(row)}")
         contexts.append(_nonempty(path, line_no, row[idx[0]], context_column))
         for k, (name, i) in enumerate(zip(ending_columns, idx[1:-1])):
             endings[k].append(_nonempty(path, line_no, row[i], name))
@@ -215,62 +399,3 @@ def read_multiple_choice_csv(path, context_column, ending_columns, label_column)
         value = str(ending_columns.index(value) + 1) if value in ending_columns else value
         labels.append(_label(path, line_no, value, allowed))
     return contexts, endings, np.asarray(labels, dtype=np.int32)
-
-
-# ------------------------------------------------------------------------------------------------
-# A synthetic, learnable story-cloze set in the real ROCStories format (demo, tests, benchmarks)
-# ------------------------------------------------------------------------------------------------
-
-ROC_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
-              "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
-_NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Ivy", "Jack", "Kate", "Leo"]
-_PLACES = ["market", "park", "library", "beach", "station", "school", "museum", "garden", "bakery", "harbor"]
-_THINGS = ["a red kite", "an old book", "a new bike", "a small cake", "a blue hat", "a warm coat", "a puppy"]
-_FILLERS = ["It was a cold morning in the middle of the week", "The streets were busy and loud that day",
-            "Everyone in town seemed to be out and about", "The sun was shining over the quiet little town",
-            "A light rain had fallen during the night before", "Nobody expected anything unusual to happen"]
-_GOOD = (["happy", "glad", "proud", "excited", "thrilled"],
-         ["{n} smiled and thanked everyone.", "{n} laughed and hugged a friend.", "{n} cheered with joy.",
-          "{n} decided it was the best day ever.", "{n} danced all the way home."])
-_BAD = (["sad", "upset", "angry", "lonely", "scared"],
-        ["{n} cried quietly on the way home.", "{n} yelled and slammed the door.", "{n} sighed and gave up.",
-         "{n} decided it was the worst day ever.", "{n} sulked alone for hours."])
-_ODD = ["{n} flew to the moon on a silver spoon.", "{n} turned into a purple fish.",
-        "{n} ate the whole station for lunch.", "{n} married a cloud in the sky.", "{n} grew wings and became a clock."]
-
-
-def synthetic_story(rng):
-    """One story. The right ending matches the mood stated in the last sentence; the wrong ending
-    has the other mood (half the stories: telling needs the story) or is absurd (the other half,
-    as real ROCStories' wrong endings are often implausible on their own)."""
-    name = rng.choice(_NAMES)
-    good = rng.random() < 0.5
-    moods, endings = _GOOD if good else _BAD
-    _, other_endings = _BAD if good else _GOOD
-    place, thing = rng.choice(_PLACES), rng.choice(_THINGS)
-    filler = rng.choice(_FILLERS)
-    sentences = [f"{filler}, so {name} walked to the {place}.", f"There {name} saw {thing} for sale.",
-                 f"{name} thought about it for a long time before deciding what to do.",
-                 f"In the end {name} felt very {rng.choice(moods)}."]
-    wrong = rng.choice(other_endings if rng.random() < 0.5 else _ODD)
-    right, wrong = rng.choice(endings).format(n=name), wrong.format(n=name)
-    label = 1 if rng.random() < 0.5 else 2
-    ending1, ending2 = (right, wrong) if label == 1 else (wrong, right)
-    return sentences, ending1, ending2, label
-
-
-def write_synthetic_rocstories(data_dir, n_val=1871, n_test=1871, seed=0):
-    """Write both ROCStories files (the real names and columns) with synthetic stories."""
-    import random
-    import uuid
-
-    rng = random.Random(seed)
-    os.makedirs(data_dir, exist_ok=True)
-    for name, n in ((ROC_VAL, n_val), (ROC_TEST, n_test)):
-        with open(os.path.join(data_dir, name), "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(ROC_HEADER)
-            for _ in range(n):
-                sentences, e1, e2, label = synthetic_story(rng)
-                writer.writerow([str(uuid.UUID(int=rng.getrandbits(128))), *sentences, e1, e2, label])
-    return data_dir

@@ -1,115 +1,89 @@
-"""Training objectives (docs/reference.md §2): mean task loss + lm_coef * mean LM loss, as the TF code.
+"""The objectives' formulas (docs/reference.md §2): the LM loss of each sequence, in one
+implementation, and the task losses. How they combine is the task's (tasks.Task.objective).
 
-Each compute object keeps the earlier port's call signature
-`(X, Y, M, clf_logits, lm_logits=None, only_return_losses=False)`. With `opt`, a call also runs
-backward and, once `n_accumulate` micro-batches of equal size have been seen, one optimizer update:
-the accumulated gradient then equals that of the whole batch.
+The LM loss of a sequence is the cross-entropy of each next token, weighted by M[t+1] and averaged:
+sum_t M[t+1] CE(h_t weᵀ, x_{t+1}) / sum_t M[t+1]. A BatchPlan (batches.py) says which rows of h are
+scored: only those with M[t+1] = 1 (the default; the others weigh 0 in the TF code), or every row
+with its weight M[t+1] (--plain, and --compile's static shapes: the TF code's computation).
 """
 
 import torch
 import torch.nn.functional as F
 
-
-def per_element_cross_entropy(logits, targets):
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
-def lm_losses(X, M, lm_logits, criterion=per_element_cross_entropy, plan=None):
-    """Per-sequence LM loss: cross-entropy of each next token, masked by M[..., 1:] and averaged.
-
-    lm_logits is either over every position ([N * (T - 1), vocab], as the TF code; or [N, T, vocab]
-    as `LMModel` returns them, whose last position predicts nothing here) or only over the positions
-    with M[..., 1:] = 1 (what `LMHead(mask=M)` returns); all give the same losses. With a BatchPlan
-    that selected the rows, its host-made targets and counts are used: no step waits for the device.
-    """
-    if plan is not None and plan.lm_rows is not None:
-        return sequence_means(criterion(lm_logits, plan.lm_targets), plan)
-    T = X.size(-2)
-    tokens = X[..., 1:, 0].reshape(-1, T - 1)
-    mask = M.reshape(-1, M.size(-1))[:, 1:].to(lm_logits.dtype)
-    n_seq = tokens.size(0)
-    if lm_logits.dim() > 2:
-        if lm_logits.size(-2) != T or lm_logits[..., 0].numel() != n_seq * T:
-            raise ValueError(f"lm_logits of shape {tuple(lm_logits.shape)} do not fit X of shape {tuple(X.shape)}: "
-                             f"expected [{n_seq}, {T}, vocab], a row per position of each sequence")
-        # every row as it is (no copy of the logits without their last position): that position gets a
-        # placeholder target and its loss is dropped
-        targets = F.pad(tokens, (0, 1)).reshape(-1)
-        losses = criterion(lm_logits.reshape(n_seq * T, -1), targets).view(n_seq, T)[:, :-1]
-        summed = (losses * mask).sum(1)
-    elif lm_logits.size(0) == n_seq * (T - 1):
-        losses = criterion(lm_logits, tokens.reshape(-1)).view(n_seq, T - 1)
-        summed = (losses * mask).sum(1)
-    else:
-        keep = mask.bool()
-        if lm_logits.size(0) != int(keep.sum()):
-            raise ValueError(
-                f"lm_logits has {lm_logits.size(0)} rows; expected {n_seq * (T - 1)} (every position) or "
-                f"{int(keep.sum())} (the positions where M[..., 1:] = 1)"
-            )
-        losses = criterion(lm_logits, tokens[keep])
-        seq_index = torch.arange(n_seq, device=X.device).unsqueeze(1).expand_as(keep)[keep]
-        summed = losses.new_zeros(n_seq).index_add_(0, seq_index, losses)
-    return summed / mask.sum(1)
+LOGIT_ROW_ALIGNMENT = 16  # float32 elements: rows of the logits start on 64-byte boundaries
+EVAL_LOGITS = 2 ** 28  # logits held at once when no gradient is kept (1 GiB in float32)
 
 
-def sequence_means(row_losses, plan):
-    """Per-sequence LM loss from the losses of a BatchPlan's LM rows (as `model(..., lm_losses=True)`
-    returns them): the mean over each sequence's predicted tokens."""
-    summed = row_losses.new_zeros(plan.n_seq).index_add_(0, plan.lm_seq, row_losses)
+def lm_losses(h, we, plan):
+    """Per-sequence LM losses [plan.n_seq] of the hidden states h ([N, T, C] or [N*T, C]), with the
+    tied output layer `we`, at the rows, targets and weights of `plan`."""
+    rows = h.reshape(-1, h.size(-1)).index_select(0, plan.lm_rows)
+    if torch.is_grad_enabled():
+        losses = token_losses(rows, we, plan.lm_targets)
+    else:  # evaluation: the logits of a long batch in bounded pieces (a row is the whole vocabulary)
+        step = max(1, EVAL_LOGITS // we.size(0))
+        losses = torch.cat([token_losses(rows[k:k + step], we, plan.lm_targets[k:k + step])
+                            for k in range(0, rows.size(0), step)])
+    if plan.lm_weights is not None:
+        losses = losses * plan.lm_weights
+    summed = losses.new_zeros(plan.n_seq).index_add_(0, plan.lm_seq, losses)
     return summed / plan.lm_count.to(summed.dtype)
 
 
-class MultipleChoiceLossCompute:
-    """Loss for [batch, n_choices] logits against the index of the right choice."""
+def token_losses(h, we, targets):
+    """F.cross_entropy(h @ we.T, targets, reduction="none") in fewer passes over the logits.
 
-    def __init__(self, lm_criterion=None, clf_criterion=None, lm_coef=0.5, opt=None, n_accumulate=1):
-        self.lm_criterion = lm_criterion or per_element_cross_entropy
-        self.clf_criterion = clf_criterion or per_element_cross_entropy
-        self.lm_coef = lm_coef
-        self.opt = opt
-        if n_accumulate < 1:
-            raise ValueError(f"n_accumulate must be >= 1, got {n_accumulate}")
-        self.n_accumulate = n_accumulate
-        self._seen = 0
-
-    def clf_losses(self, clf_logits, Y):
-        return self.clf_criterion(clf_logits, Y)
-
-    def losses(self, X, Y, M, clf_logits, lm_logits=None, plan=None):
-        """(task losses per example, LM losses per sequence or None)."""
-        lm = lm_losses(X, M, lm_logits, self.lm_criterion, plan) if lm_logits is not None else None
-        return self.clf_losses(clf_logits, Y), lm
-
-    def objective(self, clf_losses, lm=None):
-        """mean(task losses) + lm_coef * mean(LM losses); the task loss alone when lm_coef is 0."""
-        if self.lm_coef > 0 and lm is not None:
-            return clf_losses.mean() + self.lm_coef * lm.mean()
-        return clf_losses.mean()
-
-    def __call__(self, X, Y, M, clf_logits, lm_logits=None, only_return_losses=False):
-        clf, lm = self.losses(X, Y, M, clf_logits, lm_logits)
-        if only_return_losses:
-            return (clf, lm) if lm is not None else clf
-        loss = self.objective(clf, lm)
-        if self.opt is not None:
-            (loss / self.n_accumulate).backward()
-            self._seen += 1
-            if self._seen == self.n_accumulate:
-                self.opt.step()
-                self.opt.zero_grad()
-                self._seen = 0
-        return loss.item()
+    The [rows, vocab] logits are the largest tensors of a training step. Here they live in one
+    buffer whose rows start on 64-byte boundaries (with a vocabulary of 40,558 rows they would not,
+    and the three matrix products run slower on a CPU), and the backward turns that same buffer into
+    the gradient (softmax - one-hot) in place, with no log-softmax copy and no zero-filled gradient
+    of the logits (docs/speed.md). Under autocast it is the plain computation."""
+    if torch.is_autocast_enabled(h.device.type):
+        return F.cross_entropy(F.linear(h, we).float(), targets, reduction="none")
+    return _TokenLosses.apply(h, we, targets)
 
 
-class ClassificationLossCompute(MultipleChoiceLossCompute):
-    """Loss for [batch, n_class] logits against class indices; X is [batch, T, 2]."""
+class _TokenLosses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, we, targets):
+        n_rows, n_vocab = h.size(0), we.size(0)
+        stride = -(-n_vocab // LOGIT_ROW_ALIGNMENT) * LOGIT_ROW_ALIGNMENT
+        logits = h.new_empty(n_rows, stride)[:, :n_vocab]
+        torch.mm(h, we.t(), out=logits)
+        log_norm = torch.logsumexp(logits, dim=1)
+        losses = log_norm - logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(h, we, targets, logits, log_norm)
+        ctx.spent = False
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if ctx.spent:  # the backward reuses the logits' memory for their gradient
+            raise RuntimeError("token_losses: backward through the same graph twice is not supported")
+        ctx.spent = True
+        h, we, targets, logits, log_norm = ctx.saved_tensors
+        grad_logits = logits.sub_(log_norm.unsqueeze(1)).exp_().mul_(grad.unsqueeze(1))  # softmax * grad
+        grad_logits.scatter_add_(1, targets.unsqueeze(1), -grad.unsqueeze(1))  # minus the one-hot
+        grad_h = grad_logits @ we if ctx.needs_input_grad[0] else None
+        grad_we = grad_logits.t() @ h if ctx.needs_input_grad[1] else None
+        return grad_h, grad_we, None
 
 
-class SimilarityLossCompute(MultipleChoiceLossCompute):
-    """Squared error of the similarity score ([batch] logits) against a real-valued target."""
+def cross_entropy(logits, labels):
+    """Class logits [n, classes] against class indices."""
+    return F.cross_entropy(logits, labels.long(), reduction="none")
 
-    def clf_losses(self, clf_logits, Y):
-        if self.clf_criterion is not per_element_cross_entropy:
-            return self.clf_criterion(clf_logits, Y)
-        return (clf_logits - Y.to(clf_logits.dtype)) ** 2
+
+def binary_cross_entropy(logits, labels):
+    """One logit per example (that of class 1) against 0/1 labels."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+
+
+def squared_error(scores, targets):
+    """A regressed score (STS-B) against the real-valued target."""
+    return (scores - targets.to(scores.dtype)) ** 2
+
+
+TASK_LOSSES = {"cross_entropy": cross_entropy, "binary_cross_entropy": binary_cross_entropy,
+               "squared_error": squared_error}  # per-example losses, by the name a task declares

@@ -2,6 +2,7 @@
 step size, a warm-up schedule, and L2 decay inside the bias-corrected step."""
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch.optim import Optimizer
@@ -24,6 +25,28 @@ SCHEDULES = {
     "warmup_constant": warmup_constant,
     "warmup_linear": warmup_linear,
 }
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The TF code's optimizer flags, with the paper's fine-tuning values as defaults (train.py's flags
+    are built from these fields)."""
+
+    lr: float = field(default=6.25e-5, metadata={"help": "learning rate (the schedule's peak)"})
+    lr_schedule: str = field(default="warmup_linear", metadata={"help": "learning-rate schedule over the run"})
+    lr_warmup: float = field(default=0.002, metadata={"help": "fraction of the updates spent warming up"})
+    b1: float = field(default=0.9, metadata={"help": "Adam's beta1"})
+    b2: float = field(default=0.999, metadata={"help": "Adam's beta2"})
+    e: float = field(default=1e-8, metadata={"help": "Adam's epsilon"})
+    l2: float = field(default=0.01, metadata={"help": "L2 decay inside the bias-corrected step (docs/reference.md §3)"})
+    vector_l2: bool = field(default=False, metadata={"help": "decay vectors (biases, gains) too"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip by the global gradient norm (<= 0: off)"})
+
+    def build(self, params, t_total):
+        """The optimizer for `t_total` updates."""
+        return OpenAIAdam(params, lr=self.lr, schedule=self.lr_schedule, warmup=self.lr_warmup, t_total=t_total,
+                          b1=self.b1, b2=self.b2, e=self.e, l2=self.l2, vector_l2=self.vector_l2,
+                          max_grad_norm=self.max_grad_norm)
 
 
 class OpenAIAdam(Optimizer):

@@ -9,6 +9,7 @@ inputs are spread over worker processes (docs/speed.md).
 """
 
 import gc
+import hashlib
 import json
 import multiprocessing
 import os
@@ -19,6 +20,8 @@ from itertools import chain
 import ftfy
 from spacy.attrs import ORTH
 from tqdm import tqdm
+
+from utils import read_json, read_text_file
 
 # docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash
 # alternative became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
@@ -176,11 +179,7 @@ def load_encoder(path):
     if not os.path.exists(path):
         raise VocabularyError(f"vocabulary file {path!r} not found (expected encoder_bpe_40000.json or vocab.json; "
                               "see model/README.md)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            encoder = json.load(f)
-    except ValueError as err:
-        raise VocabularyError(f"{path}: not valid JSON ({err})") from None
+    encoder = read_json(path, VocabularyError, what="vocabulary file")
     if not isinstance(encoder, dict) or not encoder:
         raise VocabularyError(f"{path}: expected a JSON object mapping BPE pieces to ids")
     bad = [k for k, v in encoder.items() if not isinstance(v, int) or isinstance(v, bool)]
@@ -197,16 +196,15 @@ def load_merges(path):
         raise VocabularyError(f"merges file {path!r} not found (expected vocab_40000.bpe or merges.txt; "
                               "see model/README.md)")
     ranks = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\n")
-            if (line_no == 1 and line.startswith("#")) or not line:
-                continue
-            pair = tuple(line.split())
-            if len(pair) != 2:
-                raise VocabularyError(f"{path}, line {line_no}: expected two symbols separated by a space, "
-                                      f"found {line!r}")
-            ranks.setdefault(pair, len(ranks))
+    for line_no, line in enumerate(read_text_file(path, VocabularyError, what="merges file").split("\n"), start=1):
+        line = line.rstrip("\r")
+        if (line_no == 1 and line.startswith("#")) or not line:
+            continue
+        pair = tuple(line.split())
+        if len(pair) != 2:
+            raise VocabularyError(f"{path}, line {line_no}: expected two symbols separated by a space, "
+                                  f"found {line!r}")
+        ranks.setdefault(pair, len(ranks))
     if not ranks:
         raise VocabularyError(f"{path}: no merges found")
     return ranks
@@ -224,9 +222,21 @@ class TextEncoder:
         self.bpe_ranks = load_merges(bpe_path)
         self.nlp = english_tokenizer()
         self._fast_bpe = fast_bpe_model(self.encoder, self.bpe_ranks)
+        self._fingerprint = None
         self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
         self._ids = ComputedOnce(self._token_ids)  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
+
+    def fingerprint(self):
+        """A digest of the vocabulary and the merges as loaded (not of their files' bytes, nor of the
+        special tokens a task adds): weights record it, so a vocabulary that does not belong to
+        them is found before it gives other ids."""
+        if self._fingerprint is None:
+            base = sorted((i, piece) for piece, i in self.encoder.items() if i < self.n_vocab)
+            merges = sorted(self.bpe_ranks, key=self.bpe_ranks.get)
+            data = json.dumps([base, merges], ensure_ascii=False).encode("utf-8")
+            self._fingerprint = "sha256:" + hashlib.sha256(data).hexdigest()
+        return self._fingerprint
 
     # -- BPE (docs/reference.md §4 step 4) ---------------------------------------------------------
     def bpe(self, token):

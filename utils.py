@@ -1,12 +1,95 @@
-"""Dataset encoding, batching and logging helpers of the original, made safe for today's Python."""
+"""File helpers every module shares (text and JSON read with errors that name the file, line and
+column; atomic writes), and the original's batching and logging helpers."""
 
+import codecs
 import json
 import os
+import re
 import sys
+import threading
 import time
 
-import numpy as np
 from tqdm import tqdm
+
+LINE_END = re.compile(rb"\r\n|\r|\n")  # the line ends the csv module counts
+
+
+def make_path(f):
+    """Create the folder of file path `f` if needed; return `f`."""
+    d = os.path.dirname(f)
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return f
+
+
+def decode_utf8(data, path, error=ValueError):
+    """The text of UTF-8 bytes read from `path` (a byte-order mark dropped, line ends kept); a byte
+    that is not UTF-8 raises `error` naming its line and column."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_ends = list(LINE_END.finditer(data, 0, err.start))
+        line_start = line_ends[-1].end() if line_ends else 0
+        column = len(data[line_start:err.start].decode("utf-8")) + 1  # characters, all valid before err.start
+        raise error(f"{path}, line {len(line_ends) + 1}, column {column}: not UTF-8 text (byte "
+                    f"0x{data[err.start]:02x}: {err.reason}); save the file as UTF-8") from None
+
+
+def read_text_file(path, error=ValueError, what="file"):
+    """The UTF-8 text of `path`; a missing, unreadable or undecodable file raises `error` in one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} not found") from None
+    except OSError as err:
+        raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
+    return decode_utf8(data, path, error)
+
+
+def parse_json(text, path, error=ValueError, line=None):
+    """The JSON value of `text` (from `path`, at `line` for JSON lines); `error` names where it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line}" if line is not None else f"line {err.lineno}, column {err.colno}"
+        raise error(f"{path}, {where}: not valid JSON ({err.msg})") from None
+
+
+def read_json(path, error=ValueError, what="file"):
+    """The JSON value stored in `path`, every failure one `error` line naming the file."""
+    return parse_json(read_text_file(path, error, what), path, error)
+
+
+def json_lines(text, path, error=ValueError):
+    """(line number, value) of each non-blank line of JSON-lines text."""
+    return [(n, parse_json(line, path, error, line=n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def atomic_write(path, write):
+    """Run `write(temporary path)`, flush it to disk, then rename it to `path`: a crash never leaves a
+    half-written file. A failed write removes its temporary file."""
+    make_path(path)
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path, text):
+    """Write `text` (UTF-8) to `path` atomically."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def encode_dataset(*splits, encoder, workers=None):
@@ -27,36 +110,6 @@ def encode_dataset(*splits, encoder, workers=None):
 
 def _holds_texts(field):
     return len(field) > 0 and isinstance(field[0], str)
-
-
-def stsb_label_encoding(labels, nclass=6):
-    """Soft labels for a score in [0, nclass - 1] (Tai, Socher and Manning's Tree-LSTM encoding)."""
-    Y = np.zeros((len(labels), nclass), dtype=np.float32)
-    for j, y in enumerate(labels):
-        low = int(np.floor(y))
-        Y[j, low] = low - y + 1
-        if low + 1 < nclass:
-            Y[j, low + 1] = y - low
-    return Y
-
-
-def np_softmax(x, t=1):
-    x = np.asarray(x) / t
-    x = x - np.max(x, axis=-1, keepdims=True)
-    ex = np.exp(x)
-    return ex / np.sum(ex, axis=-1, keepdims=True)
-
-
-def make_path(f):
-    """Create the folder of file path `f` if needed; return `f`."""
-    d = os.path.dirname(f)
-    if d:
-        os.makedirs(d, exist_ok=True)
-    return f
-
-
-def flatten(outer):
-    return [el for inner in outer for el in inner]
 
 
 def iter_data(*datas, n_batch=128, truncate=False, verbose=False, max_batches=float("inf")):

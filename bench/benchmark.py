@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from argparse import Namespace
 
 import numpy as np
 import torch
@@ -30,13 +30,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import config  # noqa: E402
 from bench.corpus import FORTUNES, english_texts, fortune_texts  # noqa: E402
-from datasets import synthetic_story  # noqa: E402
-from loss import MultipleChoiceLossCompute  # noqa: E402
+from engine import Runtime, Trainer, keep_freed_host_memory  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
 from opt import OpenAIAdam  # noqa: E402
-from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights  # noqa: E402
-from train import Runtime, default_eval_batch, keep_freed_host_memory, make_batch, predict_logits, train_update  # noqa: E402
+from synthetic import story_arrays, synthetic_story  # noqa: E402
+from tasks import get_task  # noqa: E402
+from weights import random_openai_arrays, write_hf_weights, write_openai_weights  # noqa: E402
 
 N_SPECIAL = 3
 SIZES = {  # name: (n_vocab, n_embd, n_head, n_layer)
@@ -94,20 +95,14 @@ def markdown_table(rows):
 # Realistic ROCStories-shaped batches
 # ------------------------------------------------------------------------------------------------
 
-def story_batch(n, n_vocab, n_ctx=77, seed=0):
-    """X [n, 2, n_ctx, 2], M, Y with stories of 35-55 tokens and endings of 5-19 (ROCStories' mix)."""
-    rng = np.random.default_rng(seed)
-    X = np.zeros((n, 2, n_ctx, 2), np.int64)
-    M = np.zeros((n, 2, n_ctx), np.float32)
-    start, delim, clf = n_vocab, n_vocab + 1, n_vocab + 2
-    for i in range(n):
-        story = list(rng.integers(0, n_vocab, rng.integers(35, 56)))
-        for j in range(2):
-            seq = [start] + story + [delim] + list(rng.integers(0, n_vocab, rng.integers(5, 20))) + [clf]
-            X[i, j, :len(seq), 0] = seq
-            M[i, j, :len(seq)] = 1
-    X[..., 1] = np.arange(n_vocab + N_SPECIAL, n_vocab + N_SPECIAL + n_ctx)
-    return X, M, rng.integers(0, 2, n)
+def trainer_for(model, size, device, *flags):
+    """train.py's engine for `model` (ROCStories: one update of n_batch x n_gpu stories), with train.py's
+    flags: the paper's optimizer settings unless `flags` say otherwise."""
+    n_vocab, n_embd, n_head, n_layer = size
+    cfg = config.parse(["--n_embd", str(n_embd), "--n_head", str(n_head), "--n_layer", str(n_layer),
+                        "--n_transfer", str(n_layer), *flags])
+    optimizer = cfg.optim.build(model.parameters(), t_total=10 ** 6)
+    return Trainer(model, get_task("rocstories"), optimizer, cfg, Runtime(device), n_vocab + 2)
 
 
 def hf_inputs(X, M, Y):
@@ -189,34 +184,32 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
     defaults. Evaluation: both in batches of train.py's default for the device (128 on a GPU, 16 on
     a CPU). Host-side batch preparation is inside the timed part for ours, as in train.py."""
     n_vocab = size[0]
-    clf = n_vocab + 2
-    X, M, Y = story_batch(32, n_vocab, seed=1)
+    X, M, Y = story_arrays(32, n_vocab, seed=1)
     tokens = float(M.sum())
-    runtime = Runtime(device)
-    compute = MultipleChoiceLossCompute(lm_coef=0.5)
     for model in models.values():
         model.to(device)
-    opts = {name: OpenAIAdam(m.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
-                             l2=0.01, max_grad_norm=1) for name, m in models.items() if name != "hf"}
     hf = models["hf"]
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=6.25e-5, weight_decay=0.01, fused=True)
-    eval_args = Namespace(plain=False, amp=None, eval_batch=None, compile=False)
-    default_eval_batch(eval_args, runtime)  # train.py's default for the device
-    eval_batch = eval_args.eval_batch
-    a = predict_logits(models["ours"], X, M, eval_args, runtime)
-    b = predict_logits(models["plain"], X, M, Namespace(plain=True, amp=None, n_batch=8, n_gpu=4), runtime)
+    plain_flags = ("--plain", "--micro_batch", "8")  # the TF code's layout: 4 towers of 8, speed-ups off
+    trainers = {}
+
+    def trainer(name, amp=None, stories=32):
+        """One engine per variant, made when first used (each has its own optimizer state)."""
+        if (name, amp, stories) not in trainers:
+            flags = [*(plain_flags if name == "plain" else ()), *(("--amp", amp) if amp else ()),
+                     *(("--n_batch", "8", "--n_gpu", "1") if stories == 8 else ())]
+            trainers[name, amp, stories] = trainer_for(models[name], size, device, *flags)
+        return trainers[name, amp, stories]
+
+    eval_batch = trainer("ours").eval_batch  # train.py's default for the device
+    a, b = trainer("ours").outputs(X, M), trainer("plain").outputs(X, M)
     print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
 
     def ours_step(name, amp, stories=32):
-        plain = name == "plain"
-        args = Namespace(plain=plain, lm_coef=0.5, amp=amp)
-        size = 8 if plain else stories
-        towers = [(X[k:k + size], M[k:k + size], Y[k:k + size]) for k in range(0, stories, size)]
+        engine = trainer(name, amp, stories)
 
         def step():
-            models[name].train()
-            batches = [make_batch(x, m, y, clf, device, "plain" if plain else "trimmed") for x, m, y in towers]
-            train_update(models[name], batches, compute, opts[name], None, args, runtime)
+            engine.update(X[:stories], M[:stories], Y[:stories])
             synchronize(device)
         return step
 
@@ -252,14 +245,13 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
                 repeats, work=None, seconds_scale=1000, warmup=2,
                 note=f"(the earlier README's measure; fp32; {device.type})")
 
-    EX, EM, _ = story_batch(n_eval, n_vocab, seed=2)
+    EX, EM, _ = story_arrays(n_eval, n_vocab, seed=2)
     eval_tokens = float(EM.sum())
     hf_ids = torch.from_numpy(EX[..., 0]).to(device)
     hf_last = torch.from_numpy(EM.sum(-1).astype(np.int64) - 1).to(device)
 
     def ours_eval(amp):
-        args = Namespace(plain=False, amp=amp, eval_batch=eval_batch, compile=False)
-        return lambda: predict_logits(models["ours"], EX, EM, args, runtime)
+        return lambda: trainer("ours", amp).outputs(EX, EM)
 
     def hf_eval(amp):
         def run():
@@ -282,52 +274,37 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
 def bench_passes(models, size, repeats, kept_host_memory):
     """One pass of 32 stories against 4 passes of 8 (ours, fp32, CPU), alternating. Run it once as
     is and once with --glibc_malloc to see what keeping freed host memory changes."""
-    n_vocab = size[0]
-    X, M, Y = story_batch(32, n_vocab, seed=1)
-    runtime = Runtime(torch.device("cpu"))
-    compute = MultipleChoiceLossCompute(lm_coef=0.5)
-    model = models["ours"].train()
-    opt = OpenAIAdam(model.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=10 ** 6,
-                     l2=0.01, max_grad_norm=1)
-    args = Namespace(plain=False, lm_coef=0.5, amp=None)
+    device = torch.device("cpu")
+    X, M, Y = story_arrays(32, size[0], seed=1)
+    one, four = (trainer_for(models["ours"], size, device, *flags) for flags in ((), ("--micro_batch", "8")))
 
-    def update(size):
-        def step():
-            batches = [make_batch(X[k:k + size], M[k:k + size], Y[k:k + size], n_vocab + 2, runtime.device,
-                                  "trimmed") for k in range(0, 32, size)]
-            train_update(model, batches, compute, opt, None, args, runtime)
-        return step
+    def update(trainer):
+        return lambda: trainer.update(X, M, Y)
 
     kept = "kept" if kept_host_memory else "glibc's default"
-    variants = {"ours, one pass of 32": update(32), "ours, 4 passes of 8": update(8)}
+    variants = {"ours, one pass of 32": update(one), "ours, 4 passes of 8": update(four)}
     compare(f"update of 32, malloc {kept}", "ms", variants, repeats, work=None, seconds_scale=1000, note="(fp32; cpu)")
+    for label, step in variants.items():  # after the timed ones: the heap has grown to its size by now
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        print(f"{label}, malloc {kept}: {resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before} page faults "
+              "in one more update")
 
 
 def bench_updates(models, size, n_updates):
     """Issue 5: n_updates full updates of 32 stories, ours (one pass) vs the plain loop (4 towers of
     8), alternating update by update."""
-    n_vocab = size[0]
-    runtime = Runtime(torch.device("cpu"))
-    compute = MultipleChoiceLossCompute(lm_coef=0.5)
-    runs = {}
-    for name, plain in (("ours", False), ("ours, plain", True)):
-        model = models["plain" if plain else "ours"].train()
-        opt = OpenAIAdam(model.parameters(), lr=6.25e-5, schedule="warmup_linear", warmup=0.002, t_total=1000,
-                         l2=0.01, max_grad_norm=1)
-        runs[name] = (model, opt, Namespace(plain=plain, lm_coef=0.5, amp=None), [])
+    n_vocab, device = size[0], torch.device("cpu")
+    runs = {"ours": (trainer_for(models["ours"], size, device), []),
+            "ours, plain": (trainer_for(models["plain"], size, device, "--plain", "--micro_batch", "8"), [])}
     for i in range(n_updates):
-        X, M, Y = story_batch(32, n_vocab, seed=100 + i)
-        for model, opt, args, times in runs.values():
+        X, M, Y = story_arrays(32, n_vocab, seed=100 + i)
+        for trainer, times in runs.values():
             t0 = time.perf_counter()
-            if args.plain:
-                batches = [make_batch(X[k:k + 8], M[k:k + 8], Y[k:k + 8], n_vocab + 2, runtime.device, "plain")
-                           for k in range(0, 32, 8)]
-            else:
-                batches = [make_batch(X, M, Y, n_vocab + 2, runtime.device, "trimmed")]
-            train_update(model, batches, compute, opt, None, args, runtime)
+            trainer.update(X, M, Y)
             times.append(time.perf_counter() - t0)
-    ours_total = sum(runs["ours"][3])
-    for name, (_, _, _, times) in runs.items():
+    ours_total = sum(runs["ours"][1])
+    for name, (_, times) in runs.items():
         ROWS.append(dict(section=f"{n_updates} updates x 32 stories", variant=name, unit="s total", median=sum(times),
                          low=float("nan"), high=float("nan"), note="(alternating update by update)",
                          ratio=sum(times) / ours_total if name != "ours" else None))
@@ -337,7 +314,7 @@ def bench_run(weights_dir, device, extra):
     """Issue 9: the whole ROCStories-shaped fine-tune (1,497 train / 374 valid / 1,871 test synthetic
     stories, full-size random weights, the real vocabulary), as `train.py` runs it; prints its phase
     times. `extra`: more train.py flags (e.g. --amp bf16)."""
-    from datasets import write_synthetic_rocstories
+    from synthetic import write_synthetic_rocstories
 
     vocab = next((d for d in (os.path.join(ROOT, "model"), os.path.join(os.path.dirname(ROOT), "shared", "openai-gpt"))
                   if os.path.exists(os.path.join(d, "encoder_bpe_40000.json"))), None)
@@ -507,10 +484,11 @@ def bench_load(weights_dir, repeats):
 def bench_generate(size, weights_dir, rounds, n_new=256, prompt_len=32):
     """Issue 11: new tokens/s generating n_new tokens (greedy) after one prompt of prompt_len tokens,
     with the key/value cache vs re-running the whole prefix for every token, alternating."""
-    from model_pytorch import generate, model_from_pretrained
+    from checkpoints import model_from_pretrained
+    from generate import generate
 
     n_vocab, _, n_head, _ = size
-    model = model_from_pretrained(os.path.join(weights_dir, "openai"), n_head=n_head).eval()
+    model = model_from_pretrained(os.path.join(weights_dir, "openai"), n_head=n_head)[0].eval()
     prompt = [np.random.default_rng(0).integers(0, n_vocab, prompt_len).tolist()]
     variants = {"ours (KV cache)": True, "re-running the prefix": False}
     for use_cache in variants.values():  # warm-up

@@ -1,13 +1,16 @@
 """Shared test fixtures: tiny configs, random weights in OpenAI's shard format, the real vocabulary."""
 
+import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from model_pytorch import GPTConfig
-from random_weights import random_openai_arrays, write_hf_weights, write_openai_weights
+from model_pytorch import GPTConfig, TransformerModel
+from weights import load_openai_pretrained_model, random_openai_arrays, write_hf_weights, write_openai_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAI_GPT = ROOT / "model"  # OpenAI's BPE vocabulary is shipped here (model/README.md)
@@ -41,6 +44,23 @@ def tiny_hf_dir(tmp_path, tiny_arrays):
 
 
 @pytest.fixture(scope="session")
+def roc_files(tmp_path_factory):
+    """A small ROCStories folder (120 labelled + 40 test synthetic stories), a vocabulary learned from
+    its training split and tiny random weights (32 wide, 2 layers, 96 positions)."""
+    from datasets import rocstories
+    from synthetic import write_synthetic_rocstories
+    from text_utils import learn_bpe
+
+    base = tmp_path_factory.mktemp("roc")
+    data = write_synthetic_rocstories(base / "data", n_val=120, n_test=40, seed=5)
+    train_split = rocstories(data, n_valid=40)[0]
+    encoder = learn_bpe(list(train_split[0]) + list(train_split[1]), str(base / "model" / "encoder.json"),
+                        str(base / "model" / "vocab.bpe"), vocab_size=300, min_frequency=1)
+    write_openai_weights(base / "model", n_vocab=len(encoder.encoder), n_ctx=96, n_embd=32, n_layer=2, seed=1)
+    return base
+
+
+@pytest.fixture(scope="session")
 def full_size_weights(tmp_path_factory):
     """Random weights at the real shapes: (arrays, OpenAI shard folder, Hugging Face folder)."""
     arrays = random_openai_arrays(seed=7)
@@ -48,6 +68,96 @@ def full_size_weights(tmp_path_factory):
     write_openai_weights(base / "model", arrays)
     write_hf_weights(base / "hf", arrays, n_head=12)
     return arrays, base / "model", base / "hf"
+
+
+N_SPECIAL = 3
+
+
+def openai_order(n_vocab, n_ctx, n_embd, n_layer):
+    """(name, shape) of each array in OpenAI's shards, in params_shapes.json order.
+
+    Written out here from the released file, independently of the loader's own lists, so that a
+    consistent mistake in those lists cannot pass. Names are the TF variables' (`h0/attn/c_attn/w`).
+    """
+    e = n_embd
+    layer = [
+        ("attn/c_attn/w", (1, e, 3 * e)), ("attn/c_attn/b", (3 * e,)),
+        ("attn/c_proj/w", (1, e, e)), ("attn/c_proj/b", (e,)),
+        ("ln_1/g", (e,)), ("ln_1/b", (e,)),
+        ("mlp/c_fc/w", (1, e, 4 * e)), ("mlp/c_fc/b", (4 * e,)),
+        ("mlp/c_proj/w", (1, 4 * e, e)), ("mlp/c_proj/b", (e,)),
+        ("ln_2/g", (e,)), ("ln_2/b", (e,)),
+    ]
+    per_layer = [(f"h{i}/{name}", shape) for i in range(n_layer) for name, shape in layer]
+    return [("positions", (n_ctx, e)), ("tokens", (n_vocab, e))] + per_layer
+
+
+def our_name(tf_name):
+    """Our parameter for a TF variable: `h0/attn/c_attn/w` -> `h.0.attn.c_attn.w`."""
+    return re.sub(r"^h(\d+)/", r"h.\1.", tf_name).replace("/", ".")
+
+
+def hf_name(tf_name):
+    """The Hugging Face tensor for a TF variable: same module path, w/g -> weight, b -> bias."""
+    path, leaf = our_name(tf_name).rsplit(".", 1)
+    return f"{path}.{ {'w': 'weight', 'g': 'weight', 'b': 'bias'}[leaf] }"
+
+
+def labelled_arrays(order, seed=0):
+    """Array k holds 100 k + noise: distinct, and a misplaced one tells where it came from."""
+    rng = np.random.default_rng(seed)
+    return [(100 * k + rng.standard_normal(shape)).astype(np.float32) for k, (_, shape) in enumerate(order)]
+
+
+def label(t):
+    return round(float(np.asarray(t).mean()) / 100)
+
+
+def write_hf_checkpoint(path, arrays, n_head):
+    """OpenAI-order arrays as a Hugging Face checkpoint, named by `hf_name`, with transformers' own config."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    n_ctx, n_embd = arrays[0].shape
+    n_layer = (len(arrays) - 2) // 12
+    order = openai_order(arrays[1].shape[0], n_ctx, n_embd, n_layer)
+    names = {"tokens": "tokens_embed.weight", "positions": "positions_embed.weight"}
+    state = {names.get(tf) or hf_name(tf): torch.from_numpy(a.reshape(a.shape[1:]) if a.ndim == 3 else a)
+             for (tf, _), a in zip(order, arrays)}
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+    config = transformers.OpenAIGPTConfig(vocab_size=arrays[1].shape[0], n_positions=n_ctx, n_embd=n_embd,
+                                          n_layer=n_layer, n_head=n_head, afn="gelu")
+    config.to_json_file(os.path.join(path, "config.json"))
+    return path
+
+
+def tiny_model(n_special=N_SPECIAL, cls=TransformerModel, **cfg):
+    vocab = TINY["n_vocab"] + n_special + TINY["n_ctx"]
+    if cls is TransformerModel:
+        return TransformerModel(tiny_config(**cfg), vocab=vocab, n_ctx=TINY["n_ctx"])
+    return cls(tiny_config(**cfg), TINY["n_vocab"] + 2, "multiple_choice", vocab=vocab, n_ctx=TINY["n_ctx"])
+
+
+def load_tiny(model, path, **kw):
+    kw.setdefault("n_transfer", TINY["n_layer"])
+    return load_openai_pretrained_model(model, n_embd=TINY["n_embd"], path=str(path), **kw)
+
+
+def log_softmax(row):
+    row = np.asarray(row, np.float64)
+    return row - row.max() - math.log(np.exp(row - row.max()).sum())
+
+
+def tf_lm_losses(h, we, X, M):
+    """docs/reference.md §2 in float64: per sequence, sum_t M[t+1] CE(h_t weᵀ, x_{t+1}) / sum_t M[t+1]."""
+    h, we = np.asarray(h, np.float64), np.asarray(we, np.float64)
+    tokens, mask = X[..., 0].reshape(-1, X.shape[-2]), M.reshape(-1, M.shape[-1])
+    out = []
+    for s in range(tokens.shape[0]):
+        terms = [-log_softmax(h[s, t] @ we.T)[tokens[s, t + 1]] * mask[s, t + 1] for t in range(tokens.shape[1] - 1)]
+        out.append(sum(terms) / mask[s, 1:].sum())
+    return np.array(out)
 
 
 def make_inputs(n_vocab, n_special, n_ctx, shape, seed=0, high=None):

@@ -6,7 +6,8 @@ import re
 import pytest
 
 import analysis
-from datasets import rocstories_test_labels, write_synthetic_rocstories
+from datasets import rocstories_test_labels
+from synthetic import write_synthetic_rocstories
 
 
 def write_log(path, points):
@@ -43,7 +44,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "pred.tsv").write_text("id,pred\n")
     with pytest.raises(ValueError, match="line 1: expected the header"):
         analysis.rocstories(tmp_path, tmp_path / "pred.tsv", tmp_path / "run.jsonl")
-    with pytest.raises(FileNotFoundError, match="log file"):
+    with pytest.raises(ValueError, match="log file .* not found"):
         analysis.read_log(str(tmp_path / "none.jsonl"))
     write_log(tmp_path / "empty.jsonl", [])
     with pytest.raises(ValueError, match="no evaluation was logged"):
@@ -52,7 +53,7 @@ def test_bad_inputs(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("no log", r"log file '.*none.jsonl' not found"),
-    ("bad log line", r"run.jsonl, line 2: not a JSON object"),
+    ("bad log line", r"run.jsonl, line 2: not valid JSON"),
     ("no submission", r"submission file '.*missing.tsv' not found"),
     ("bad prediction", r"pred.tsv, line 3: expected an index and an integer prediction, found '1\\tyes'"),
 ])

@@ -19,8 +19,8 @@ from datasets import (
     read_text,
     rocstories,
     rocstories_test_labels,
-    write_synthetic_rocstories,
 )
+from synthetic import write_synthetic_rocstories
 
 
 def original_rocstories(path):

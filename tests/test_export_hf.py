@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import export_hf
+from checkpoints import host_copy, model_from_pretrained, model_state, save_best_params
 from conftest import TINY_HEADS, tiny_config
-from export_hf import ExportError, save_hf_checkpoint
-from model_pytorch import DoubleHeadModel, LMModel, WeightsError, generate, model_from_pretrained
-from random_weights import write_openai_weights
+from generate import generate
+from model_pytorch import DoubleHeadModel, LMModel, ModelSpec
+from tasks import SPECIAL_TOKENS, add_specials
 from text_utils import TextEncoder, learn_bpe
-from train import add_specials, host_copy, model_state, save_best_params
+from weights import ExportError, WeightsError, save_hf_checkpoint, write_openai_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +129,7 @@ def test_lm_head_model_gives_our_logits(vocab, tmp_path):
 def test_pretrained_lm_exports_without_specials(vocab, tmp_path):
     enc = text_encoder(vocab, specials=False)
     write_openai_weights(tmp_path / "openai", n_vocab=enc.n_vocab, n_ctx=N_CTX, n_embd=32, n_layer=2, seed=4)
-    model = model_from_pretrained(str(tmp_path / "openai"), n_head=TINY_HEADS).eval()
+    model = model_from_pretrained(str(tmp_path / "openai"), n_head=TINY_HEADS)[0].eval()
     save_hf_checkpoint(model, enc, str(tmp_path / "hf"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["OpenAIGPTLMHeadModel"] and config["vocab_size"] == enc.n_vocab
@@ -146,7 +147,7 @@ def test_our_loader_and_encoder_read_the_export_back(vocab, tmp_path):
     enc = text_encoder(vocab)
     model = double_model(enc.n_vocab)
     save_hf_checkpoint(model, enc, str(tmp_path / "hf"))
-    back = model_from_pretrained(str(tmp_path / "hf"))  # n_head from config.json
+    back = model_from_pretrained(str(tmp_path / "hf"))[0]  # n_head from config.json
     ours, theirs = model.transformer.state_dict(), back.transformer.state_dict()
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -178,9 +179,11 @@ def test_transformers_tokenizer_gives_our_ids(vocab, tmp_path):
 def test_export_command_from_a_fine_tuned_checkpoint(vocab, tmp_path, capsys):
     enc = text_encoder(vocab)
     model = double_model(enc.n_vocab)
-    save_best_params(host_copy(model_state(model)), str(tmp_path / "best_params.safetensors"))
+    spec = ModelSpec(tiny_config(), enc.n_vocab, 3, N_CTX, "multiple_choice", enc.n_vocab + 2, SPECIAL_TOKENS,
+                     enc.fingerprint())
+    save_best_params(host_copy(model_state(model)), str(tmp_path / "best_params.safetensors"), spec, {})
     argv = ["--model_path", str(tmp_path / "best_params.safetensors"), "--encoder_path", str(vocab[0]),
-            "--bpe_path", str(vocab[1]), "--n_head", str(TINY_HEADS)]
+            "--bpe_path", str(vocab[1])]  # the file records its sizes, head and special rows
     assert export_hf.main(argv + ["--out", str(tmp_path / "hf")]) == 0
     assert "OpenAIGPTDoubleHeadsModel" in capsys.readouterr().out
     hf = load_hf("OpenAIGPTDoubleHeadsModel", tmp_path / "hf")
@@ -191,7 +194,10 @@ def test_export_command_from_a_fine_tuned_checkpoint(vocab, tmp_path, capsys):
     assert hf.config.n_positions == N_CTX
     assert export_hf.main(argv + ["--out", str(tmp_path / "lm"), "--lm_only"]) == 0
     assert json.loads((tmp_path / "lm" / "config.json").read_text())["architectures"] == ["OpenAIGPTLMHeadModel"]
-    assert export_hf.main(argv + ["--out", str(tmp_path / "x"), "--n_special", "500"]) == 1
+    from safetensors.torch import save_file  # a state dict from elsewhere: the flags say what the file does not
+    save_file(host_copy(model_state(model)), str(tmp_path / "plain.safetensors"))
+    argv[1] = str(tmp_path / "plain.safetensors")
+    assert export_hf.main(argv + ["--out", str(tmp_path / "x"), "--n_head", str(TINY_HEADS), "--n_special", "500"]) == 1
     assert "too few for n_vocab" in capsys.readouterr().err
 
 

@@ -1,6 +1,7 @@
 """Generation: the KV cache against re-running the prefix with the ordinary forward, the sampler
 against an explicit NumPy restatement, the rows that may come out, n_ctx, checkpoints and the CLI."""
 
+import json
 import re
 
 import numpy as np
@@ -9,20 +10,12 @@ import torch
 from scipy.stats import chisquare
 
 import generate as generate_cli
+from checkpoints import host_copy, load_model, model_state, save_best_params
 from conftest import TINY_HEADS, tiny_config
-from model_pytorch import (
-    DoubleHeadModel,
-    GenerationError,
-    LMModel,
-    WeightsError,
-    choose_next,
-    generate,
-    load_lm,
-    model_from_checkpoint,
-    next_token_probs,
-)
-from random_weights import write_openai_weights
+from generate import GenerationError, choose_next, generate, next_token_probs
+from model_pytorch import DoubleHeadModel, LMModel, ModelSpec
 from text_utils import learn_bpe
+from weights import WeightsError, write_openai_weights
 
 N_VOCAB, N_SPECIAL, N_CTX = 60, 3, 24
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12], [10]]  # different lengths: one padded batch
@@ -188,37 +181,38 @@ def test_prompts_may_hold_special_tokens(model):
 # ----------------------------------------------------------------------------- checkpoints
 
 def fine_tuned(tmp_path):
-    """A DoubleHeadModel saved as train.py saves its best parameters."""
-    from train import host_copy, model_state, save_best_params
-
+    """A DoubleHeadModel saved as train.py saves its best parameters (with the spec that rebuilds it)."""
     model = DoubleHeadModel(tiny_config(), N_VOCAB + 2, "multiple_choice", vocab=N_VOCAB + N_SPECIAL + N_CTX,
                             n_ctx=N_CTX)
     lively(model.transformer, seed=4)
     path = tmp_path / "best_params.safetensors"
-    save_best_params(host_copy(model_state(model)), str(path))
+    spec = ModelSpec(tiny_config(), N_VOCAB, N_SPECIAL, N_CTX, "multiple_choice", N_VOCAB + 2,
+                     ("_start_", "_delimiter_", "_classify_"))
+    save_best_params(host_copy(model_state(model)), str(path), spec, dict(n_head=TINY_HEADS))
     return model, path
 
 
 def test_a_fine_tuned_checkpoint_generates_as_the_model_it_came_from(tmp_path):
     model, path = fine_tuned(tmp_path)
-    loaded = model_from_checkpoint(str(path), N_VOCAB, n_special=N_SPECIAL, n_head=TINY_HEADS)
-    assert isinstance(loaded, LMModel) and loaded.transformer.n_ctx == N_CTX
+    loaded, spec = load_model(str(path), head=None)  # the spec it records: no sizes given
+    assert isinstance(loaded, LMModel) and loaded.transformer.n_ctx == N_CTX and spec.n_special == N_SPECIAL
     for (name, a), (_, b) in zip(model.transformer.state_dict().items(), loaded.transformer.state_dict().items()):
         assert torch.equal(a, b), name
     kw = dict(max_new_tokens=10, temperature=1.2, top_p=0.9, seed=5)
     assert generate(loaded, PROMPTS, N_VOCAB, **kw).tokens == generate(model, PROMPTS, N_VOCAB, **kw).tokens
 
 
-def test_train_checkpoints_record_n_head(tmp_path):
-    from train import host_copy, model_state, save_best_params
-
+def test_files_without_a_spec_rebuild_their_model_from_the_recorded_flags(tmp_path):
+    """Checkpoints of earlier versions record the run's flags only: n_head comes from them."""
     model, _ = fine_tuned(tmp_path)
     args = dict(n_head=TINY_HEADS, afn="gelu")
     torch.save(dict(model=model.state_dict(), args=args), tmp_path / "checkpoint.pt")
-    save_best_params(host_copy(model_state(model)), str(tmp_path / "best.safetensors"), args)
+    from safetensors.torch import save_file
+    save_file(host_copy(model_state(model)), str(tmp_path / "best.safetensors"), metadata={"args": json.dumps(args)})
     for name in ("checkpoint.pt", "best.safetensors"):
-        loaded = load_lm(str(tmp_path / name), N_VOCAB)  # no n_head given: read from the args
-        assert loaded.transformer.cfg.n_head == TINY_HEADS, name
+        loaded, spec = load_model(str(tmp_path / name), head="auto", n_vocab=N_VOCAB)  # no n_head given
+        assert loaded.transformer.cfg.n_head == TINY_HEADS and spec.n_ctx == N_CTX, name
+        assert loaded.task_head.clf_token == N_VOCAB + 2, name
 
 
 @pytest.mark.parametrize("args, message", [("{n_head: 4", "the 'args' metadata is not JSON"),
@@ -230,15 +224,18 @@ def test_unreadable_recorded_args_are_a_clear_error(tmp_path, args, message):
     path = tmp_path / "odd.safetensors"
     save_file(load_file(best), str(path), metadata={"args": args})
     with pytest.raises(WeightsError, match=f"odd.safetensors: {re.escape(message)}"):
-        load_lm(str(path), N_VOCAB)
+        load_model(str(path), n_vocab=N_VOCAB)
 
 
-def test_checkpoint_of_the_wrong_vocabulary_is_a_clear_error(tmp_path):
-    _, path = fine_tuned(tmp_path)
+def test_a_file_without_a_spec_and_the_wrong_vocabulary_is_a_clear_error(tmp_path):
+    model, _ = fine_tuned(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")  # a state dict from elsewhere: nothing recorded
     with pytest.raises(WeightsError, match="87 rows, too few for n_vocab=90"):
-        model_from_checkpoint(str(path), 90, n_special=N_SPECIAL, n_head=TINY_HEADS)
+        load_model(str(tmp_path / "plain.pt"), n_vocab=90, n_special=N_SPECIAL, n_head=TINY_HEADS)
     with pytest.raises(WeightsError, match="do not record n_head and n_embd=32"):
-        model_from_checkpoint(str(path), N_VOCAB, n_special=N_SPECIAL)
+        load_model(str(tmp_path / "plain.pt"), n_vocab=N_VOCAB, n_special=N_SPECIAL)
+    with pytest.raises(WeightsError, match="records no model spec; the vocabulary's size is needed"):
+        load_model(str(tmp_path / "plain.pt"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -262,7 +259,7 @@ def cli(base, *extra):
 
 def direct(base, encoder, prompts, **kw):
     """What the command should print, computed with the library."""
-    model = load_lm(str(base / "model"), len(encoder.encoder), n_head=TINY_HEADS)
+    model, _ = load_model(str(base / "model"), n_head=TINY_HEADS)
     return generate(model, encoder.encode(prompts, verbose=False), len(encoder.encoder), **kw).tokens
 
 
@@ -328,3 +325,10 @@ def test_cli_device_this_machine_lacks_is_one_line(cli_files, capsys, monkeypatc
     assert generate_cli.main(cli(base, "--prompt", "the cat", "--device", "cuda")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda: this machine has 0 CUDA device(s)") and "Traceback" not in err
+
+
+def test_model_pytorch_still_offers_generate(model):
+    import model_pytorch
+
+    kw = dict(max_new_tokens=6, greedy=True)
+    assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == generate(model, PROMPTS, N_VOCAB, **kw).tokens

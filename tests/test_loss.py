@@ -1,129 +1,100 @@
-"""loss: hand-computed losses, restricted LM logits, gradient accumulation."""
-
-import math
+"""loss: the LM loss of each sequence against the TF formula written out in NumPy, for every way a
+plan scores the rows; the fused cross-entropy and its gradients; the task losses."""
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import TINY, make_inputs, tiny_config
-from loss import ClassificationLossCompute, MultipleChoiceLossCompute, SimilarityLossCompute, lm_losses
-from model_pytorch import DoubleHeadModel
-from opt import OpenAIAdam
-
-
-def log_softmax(row):
-    row = np.asarray(row, np.float64)
-    return row - row.max() - math.log(np.exp(row - row.max()).sum())
+import loss
+from batches import BatchPlan
+from conftest import log_softmax, tf_lm_losses
 
 
-def test_losses_equal_a_hand_computation():
-    g = torch.Generator().manual_seed(0)
-    B, C, T, V = 2, 2, 4, 7
-    X = torch.randint(0, V, (B, C, T, 2), generator=g)
-    M = torch.tensor([[[1, 1, 1, 0], [1, 1, 1, 1]], [[1, 1, 0, 0], [1, 1, 1, 0]]], dtype=torch.float32)
-    Y = torch.tensor([1, 0])
-    clf_logits = torch.randn(B, C, generator=g)
-    lm_logits = torch.randn(B * C * (T - 1), V, generator=g)
-    compute = MultipleChoiceLossCompute(lm_coef=0.5)
-    clf, lm = compute(X, Y, M, clf_logits, lm_logits, only_return_losses=True)
-
-    expected_clf = [-log_softmax(clf_logits[b])[Y[b]] for b in range(B)]
-    expected_lm = []
-    rows = lm_logits.view(B * C, T - 1, V)
-    for s in range(B * C):
-        b, c = divmod(s, C)
-        terms = [-log_softmax(rows[s, t])[X[b, c, t + 1, 0]] * M[b, c, t + 1] for t in range(T - 1)]
-        expected_lm.append(sum(terms) / M[b, c, 1:].sum())
-    # float32 losses against float64: measured relative differences 5.5e-08 (clf), 8.4e-08 (lm), 8.5e-09
-    # (total) and 3.2e-08 (clf only), the same with every CPU kernel tried
-    np.testing.assert_allclose(clf.numpy(), expected_clf, rtol=5e-7)
-    np.testing.assert_allclose(lm.numpy(), [float(x) for x in expected_lm], rtol=8e-7)
-    total = compute(X, Y, M, clf_logits, lm_logits)
-    assert total == pytest.approx(np.mean(expected_clf) + 0.5 * np.mean([float(x) for x in expected_lm]), rel=1e-7)
-    assert MultipleChoiceLossCompute(lm_coef=0)(X, Y, M, clf_logits, lm_logits) == pytest.approx(
-        np.mean(expected_clf), rel=3e-7)
+def padded_batch(seed=0, n=3, choices=2, T=7, vocab=11, n_embd=8):
+    """Host arrays X, M (prefixes of ones of random lengths) and hidden states h [n * choices, T, n_embd]."""
+    rng = np.random.default_rng(seed)
+    X = np.stack([rng.integers(0, vocab, (n, choices, T)), np.broadcast_to(np.arange(T), (n, choices, T))], -1)
+    lengths = rng.integers(2, T + 1, (n, choices))
+    M = (np.arange(T) < lengths[..., None]).astype(np.float32)
+    return X, M, torch.randn(n * choices, T, n_embd, generator=torch.Generator().manual_seed(seed)), \
+        torch.randn(vocab, n_embd, generator=torch.Generator().manual_seed(seed + 1))
 
 
-def test_restricted_lm_logits_give_the_same_losses():
-    g = torch.Generator().manual_seed(1)
-    X = torch.randint(0, 9, (3, 2, 6, 2), generator=g)
-    M = (torch.rand(3, 2, 6, generator=g) > 0.3).float()
-    M[..., :2] = 1
-    full = torch.randn(3 * 2 * 5, 9, generator=g)
-    keep = M.view(-1, 6)[:, 1:].reshape(-1).bool()
-    torch.testing.assert_close(lm_losses(X, M, full[keep]), lm_losses(X, M, full), rtol=8e-7, atol=0)  # 7.9e-08
-    with pytest.raises(ValueError, match="lm_logits has 4 rows"):
-        lm_losses(X, M, full[:4])
+@pytest.mark.parametrize("skip_padding", [True, False], ids=["real rows", "every row weighted"])
+def test_lm_losses_are_the_tf_sequence_losses(skip_padding):
+    X, M, h, we = padded_batch()
+    plan = BatchPlan.build(X, M, None, skip_padding=skip_padding)
+    got = loss.lm_losses(h, we, plan)
+    # float32 against float64: measured relative differences below 1.5e-7
+    np.testing.assert_allclose(got.detach().numpy(), tf_lm_losses(h, we, X, M), rtol=1e-6)
 
 
-def test_lm_logits_at_every_position_as_a_language_model_returns_them():
-    """LMModel's [N, T, vocab] (the last position predicts nothing) equals the TF layout [N * (T - 1), vocab]."""
-    g = torch.Generator().manual_seed(2)
-    X = torch.randint(0, 9, (3, 1, 6, 2), generator=g)
-    M = (torch.rand(3, 1, 6, generator=g) > 0.3).float()
-    M[..., :2] = 1
-    every = torch.randn(3, 6, 9, generator=g)
-    torch.testing.assert_close(lm_losses(X, M, every), lm_losses(X, M, every[:, :-1].reshape(-1, 9)), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"lm_logits of shape \(3, 5, 9\) do not fit X of shape \(3, 1, 6, 2\)"):
-        lm_losses(X, M, every[:, :-1])
+def test_lm_losses_in_evaluation_hold_bounded_logits_and_give_the_same_figures(monkeypatch):
+    """Without gradients the logits are made in pieces (a row is the whole vocabulary): the same losses."""
+    X, M, h, we = padded_batch(seed=3, n=6)
+    plan = BatchPlan.build(X, M, None)
+    whole = loss.lm_losses(h, we, plan)
+    shapes, real = [], loss.token_losses
+    monkeypatch.setattr(loss, "token_losses", lambda h, we, t: shapes.append(h.shape[0]) or real(h, we, t))
+    monkeypatch.setattr(loss, "EVAL_LOGITS", 5 * we.size(0))
+    with torch.no_grad():
+        pieces = loss.lm_losses(h, we, plan)
+    assert len(shapes) > 1 and max(shapes) == 5 and sum(shapes) == plan.lm_rows.numel()
+    torch.testing.assert_close(pieces, whole.detach(), rtol=0, atol=0)
 
 
-def test_classification_and_similarity_losses():
-    X = torch.zeros(3, 5, 2, dtype=torch.long)
-    M = torch.ones(3, 5)
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]])
-    Y = torch.tensor([0, 2, 1])
-    clf = ClassificationLossCompute(lm_coef=0.5)(X, Y, M, logits, only_return_losses=True)
-    np.testing.assert_allclose(clf.numpy(), [-log_softmax(logits[i])[Y[i]] for i in range(3)], rtol=1e-6)  # 1.4e-07
-    scores = torch.tensor([0.5, 2.0])
-    sim = SimilarityLossCompute()(torch.zeros(2, 2, 5, 2, dtype=torch.long), torch.tensor([1.0, 1.5]),
-                                  torch.ones(2, 2, 5), scores, only_return_losses=True)
-    np.testing.assert_array_equal(sim.numpy(), [0.25, 0.25])  # (0.5 - 1)^2 and (2 - 1.5)^2 are exact
+def numpy_token_losses_and_grads(h, we, targets, grad):
+    """docs/reference.md §2's LM cross-entropy in float64 NumPy, and its gradients by hand."""
+    h, we, grad = (np.asarray(a, np.float64) for a in (h, we, grad))
+    logits = h @ we.T
+    top = logits.max(1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(1))
+    rows = np.arange(len(targets))
+    losses = log_norm - logits[rows, targets]
+    d_logits = np.exp(logits - log_norm[:, None]) * grad[:, None]
+    d_logits[rows, targets] -= grad
+    return losses, d_logits @ we, d_logits.T @ h
 
 
-class RecordingAdam(OpenAIAdam):
-    """Keeps the gradients each update saw."""
-
-    def step(self, closure=None):
-        self.seen_grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
-        return super().step(closure)
-
-
-def update_once(micro_batches, n_accumulate):
+@pytest.mark.parametrize("n_vocab", [37, 48])  # rows of the logits padded to 64 bytes, or not
+def test_token_losses_equal_the_cross_entropy_formula(n_vocab):
     torch.manual_seed(0)
-    model = DoubleHeadModel(tiny_config(embd_pdrop=0, attn_pdrop=0, resid_pdrop=0, clf_pdrop=0),
-                            TINY["n_vocab"] + 2, "multiple_choice", vocab=TINY["n_vocab"] + 3 + 10, n_ctx=10)
-    opt = RecordingAdam(model.parameters(), lr=1e-3, schedule="warmup_linear", warmup=0.002, t_total=10,
-                     l2=0.01, max_grad_norm=1)
-    compute = MultipleChoiceLossCompute(lm_coef=0.5, opt=opt, n_accumulate=n_accumulate)
-    for X, Y, M in micro_batches:
-        lm_logits, clf_logits = model(X, mask=M)
-        compute(X, Y, M, clf_logits, lm_logits)
-    return model, opt.seen_grads
+    h = torch.randn(23, 16, requires_grad=True)
+    we = (torch.randn(n_vocab, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, n_vocab, (23,))
+    grad = torch.rand(23)
+    losses = loss.token_losses(h, we, targets)
+    losses.backward(grad)
+    ref, ref_h, ref_we = numpy_token_losses_and_grads(h.detach(), we.detach(), targets.numpy(), grad)
+    # measured up to 5.9e-7 (losses up to 9), 2.2e-7 and 7.7e-7 (gradients)
+    torch.testing.assert_close(losses.double(), torch.as_tensor(ref), rtol=0, atol=5e-6)
+    torch.testing.assert_close(h.grad.double(), torch.as_tensor(ref_h), rtol=0, atol=3e-6)
+    torch.testing.assert_close(we.grad.double(), torch.as_tensor(ref_we), rtol=0, atol=3e-6)
+    again = loss.token_losses(h, we, targets).sum()
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):  # its backward reuses the logits' memory
+        again.backward()
 
 
-def test_accumulated_micro_batches_equal_one_batch():
-    X = make_inputs(TINY["n_vocab"], 3, 10, (32, 2, 10), seed=4)
-    lengths = torch.randint(4, 11, (32, 2), generator=torch.Generator().manual_seed(5))
-    M = (torch.arange(10) < lengths.unsqueeze(-1)).float()
-    X[..., 0] = X[..., 0] * M.long()
-    X[torch.arange(32).unsqueeze(1), torch.arange(2), lengths - 1, 0] = TINY["n_vocab"] + 2
-    Y = torch.randint(0, 2, (32,), generator=torch.Generator().manual_seed(6))
-    whole, whole_grads = update_once([(X, Y, M)], 1)
-    split, split_grads = update_once([(X[i:i + 8], Y[i:i + 8], M[i:i + 8]) for i in range(0, 32, 8)], 4)
-    grad_err = max((a - b).abs().max().item() for a, b in zip(whole_grads, split_grads))
-    param_err = max((a - b).abs().max().item() for (name, a), b in zip(whole.named_parameters(), split.parameters())
-                    if name != "task_head.linear.bias")
-    print(f"one batch vs micro-batches: gradients {grad_err:.2e}, parameters {param_err:.2e}, "
-          f"classifier bias gradient {whole_grads[-1].abs().max().item():.2e}")
-    for (name, _), a, b in zip(whole.named_parameters(), whole_grads, split_grads):
-        assert (a - b).abs().max() <= 3e-7, name  # measured 2.2e-08 (4.5e-08 without SIMD)
-    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
-        if name == "task_head.linear.bias":
-            # docs/reference.md §3: its analytic gradient is 0 with two choices; Adam turns rounding noise into a
-            # step of size ~lr, so only its gradient is compared.
-            assert whole_grads[-1].abs().max() < 1e-7  # measured 7.5e-09 (1.9e-08 without SIMD)
-            continue
-        assert (a - b).abs().max() <= 1e-6, name  # measured 1.3e-07 (1.5e-07 with AVX2)
-    assert all(p.grad is None for p in split.parameters())  # zero_grad ran after the update
+def test_token_losses_under_autocast_are_the_plain_computation():
+    h, we, targets = torch.randn(9, 16), torch.randn(40, 16), torch.randint(0, 40, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss.token_losses(h, we, targets)
+        expected = F.cross_entropy(F.linear(h, we).float(), targets, reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_task_losses_against_their_formulas():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 3, generator=g), torch.tensor([0, 2, 1, 1, 0, 2])
+    expected = [-log_softmax(logits[i])[y[i]] for i in range(6)]
+    np.testing.assert_allclose(loss.cross_entropy(logits, y).numpy(), expected, rtol=1e-6)  # measured 1.4e-7
+    one, y2 = torch.randn(6, generator=g), torch.tensor([0, 1, 1, 0, 1, 0])
+    p = 1 / (1 + np.exp(-one.double().numpy()))
+    bce = -(y2.numpy() * np.log(p) + (1 - y2.numpy()) * np.log(1 - p))
+    np.testing.assert_allclose(loss.binary_cross_entropy(one, y2).numpy(), bce, rtol=1e-6)
+    scores = torch.tensor([0.5, 2.0])
+    np.testing.assert_array_equal(loss.squared_error(scores, torch.tensor([1.0, 1.5])).numpy(), [0.25, 0.25])
+    assert set(loss.TASK_LOSSES) == {"cross_entropy", "binary_cross_entropy", "squared_error"}

@@ -15,10 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tasks
+from batches import to_arrays
 from conftest import tiny_config
 from datasets import DataError
 from model_pytorch import DoubleHeadModel
-from tasks import Specials, get_task, to_arrays, write_synthetic
+from synthetic import write_synthetic
+from tasks import Specials, get_task
 
 SPECIALS = Specials(n_vocab=20, start=20, delimiter=21, clf_token=22)
 S, D, C = SPECIALS.start, SPECIALS.delimiter, SPECIALS.clf_token
@@ -270,7 +272,7 @@ def test_snli_errors_name_file_and_line(tmp_path):
         get_task("snli").read(folder)
     with open(path, "w", encoding="utf-8") as f:
         f.write('{"sentence1": "a",\n')
-    with pytest.raises(DataError, match=r"snli_1.0_dev.jsonl, line 1: not a JSON object"):
+    with pytest.raises(DataError, match=r"snli_1.0_dev.jsonl, line 1: not valid JSON"):
         get_task("snli").read(folder)
 
 
@@ -436,27 +438,14 @@ def test_too_few_tokens_for_the_specials():
         get_task("rte").sequences(([[1]], [[2]]), SPECIALS, 2)
 
 
-def test_to_arrays_pads_and_numbers_positions():
-    seqs, _ = get_task("stsb").sequences(([[1, 2], [3]], [[4], [5, 6, 7]]), SPECIALS, 512)
-    X, M = to_arrays(seqs, 9, SPECIALS)
-    assert X.shape == (2, 2, 9, 2) and X.dtype == np.int64 and M.shape == (2, 2, 9) and M.dtype == np.float32
-    for i, example in enumerate(seqs):
-        for j, seq in enumerate(example):
-            assert X[i, j, :len(seq), 0].tolist() == seq and not X[i, j, len(seq):, 0].any()
-            assert M[i, j].tolist() == [1.0] * len(seq) + [0.0] * (9 - len(seq))
-    np.testing.assert_array_equal(X[..., 1], np.broadcast_to(np.arange(23, 32), (2, 2, 9)))
-    with pytest.raises(ValueError, match="example 1, sequence 0: 7 tokens do not fit n_ctx=6"):
-        to_arrays(seqs, 6, SPECIALS)
-
-
 def test_similarity_head_adds_the_two_orderings():
     """The model's similarity score equals linear(h[classify of a,b] + h[classify of b,a]), computed here."""
     seqs, _ = get_task("stsb").sequences(([[1, 2, 3]], [[4, 5]]), Specials(60, 60, 61, 62), 16)
-    X, M = map(torch.from_numpy, to_arrays(seqs, 16, Specials(60, 60, 61, 62)))
+    X, M = map(torch.from_numpy, to_arrays(seqs, 16, 63))
     torch.manual_seed(0)
     model = DoubleHeadModel(tiny_config(), 62, get_task("stsb").head, vocab=60 + 3 + 16, n_ctx=16).eval()
     with torch.no_grad():
-        _, score = model(X, M, compute_lm=False)
+        _, score = model(X)
         h = model.transformer(X, model.transformer.embedding_matrix()).view(1, 2, 16, -1)
         summed = h[0, 0, len(seqs[0][0]) - 1] + h[0, 1, len(seqs[0][1]) - 1]
         expected = summed @ model.task_head.linear.weight[0] + model.task_head.linear.bias[0]
@@ -531,7 +520,7 @@ def test_race_report_gives_middle_high_and_all(synthetic):
     expected = [f"RACE-m Test Accuracy: {100 * right[middle].mean():.2f}",
                 f"RACE-h Test Accuracy: {100 * right[high].mean():.2f}",
                 f"RACE Test Accuracy: {100 * right.mean():.2f}"]
-    assert tasks.report_lines(get_task("race"), split, logits) == expected
+    assert get_task("race").report_lines(split, logits) == expected
 
 
 def test_losses_against_their_formulas():
@@ -599,3 +588,26 @@ def test_every_reader_names_the_line_and_column_of_a_byte_that_is_not_utf8(tmp_p
         f.write(b"\n".join(lines))
     with pytest.raises(DataError, match=rf"{re.escape(os.path.basename(path))}, line {k + 1}, column 3: not UTF-8"):
         get_task(name).read(folder)
+
+
+def test_the_objective_outputs_and_selection_each_task_declares():
+    """What the training engine asks of a task instead of asking which task it runs."""
+    from datasets import Split
+
+    lm, logits, y = torch.tensor([2.0, 4.0]), torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
+    roc = get_task("rocstories")
+    task_loss = F.cross_entropy(logits, y).item()
+    assert roc.objective(lm, logits, y, 0.5).item() == pytest.approx(task_loss + 0.5 * 3.0)
+    assert roc.objective(lm, logits, y, 0).item() == pytest.approx(task_loss)
+    assert roc.uses_lm(True, 0.5) and not roc.uses_lm(True, 0) and not roc.uses_lm(False, 0.5)
+    assert roc.outputs(lm, logits) is logits and roc.selection_score({"Accuracy": 80.0}) == 80.0
+    assert roc.configured(n_valid=40).n_valid == 40 and get_task("sst2").configured(n_valid=40) is get_task("sst2")
+    language_model = get_task("lm")
+    assert language_model.head is None and language_model.special_tokens == () and language_model.presets
+    assert language_model.objective(lm, None, y, 0).item() == 3.0 and language_model.uses_lm(False, 0)
+    assert language_model.outputs(lm, None) is lm
+    assert language_model.metrics(np.array([2.0, 4.0]), None) == {"Perplexity": pytest.approx(np.exp(3.0))}
+    assert language_model.selection_score({"Perplexity": 5.0}) == -5.0  # lower is better
+    valid = Split((["a text"],), None, "LM Valid")
+    assert language_model.report_lines(valid, np.array([2.0, 4.0])) == [f"LM Valid Perplexity: {np.exp(3.0):.2f}"]
+    assert roc.report_lines(Split((["a"],), None, "ROCStories Test"), np.zeros((1, 2))) == []  # no labels

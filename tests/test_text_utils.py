@@ -213,7 +213,7 @@ def test_vocabulary_errors(tmp_path):
     with pytest.raises(VocabularyError, match="merges file .* not found"):
         TextEncoder(str(good_enc), str(tmp_path / "none.bpe"))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(VocabularyError, match="bad.json: not valid JSON"):
+    with pytest.raises(VocabularyError, match="bad.json, line 1, column 2: not valid JSON"):
         TextEncoder(str(tmp_path / "bad.json"), str(good_bpe))
     (tmp_path / "ids.json").write_text(json.dumps({"a": 0, "b": 5}))
     with pytest.raises(VocabularyError, match="ids must be 0 ... 1"):
@@ -259,7 +259,8 @@ learn_bpe(texts, sys.argv[2] + "/encoder.json", sys.argv[2] + "/vocab.bpe", voca
 def test_learn_bpe_learns_the_same_vocabulary_in_every_process(tmp_path):
     """tokenizers' trainer breaks ties by ids it gives in a hash map's order, which changes with each
     process: without learn_bpe's fix, 3 processes often disagree on these texts."""
-    from datasets import rocstories, write_synthetic_rocstories
+    from datasets import rocstories
+    from synthetic import write_synthetic_rocstories
 
     stories, endings, _, _ = rocstories(write_synthetic_rocstories(tmp_path / "data", n_val=300, n_test=10, seed=5),
                                         n_valid=40)[0]
@@ -283,3 +284,33 @@ def test_rust_bpe_equals_the_original_bpe_on_every_vocabulary_word(ours):
     slow = [[ours.encoder.get(piece, 0) for piece in ours.bpe(w).split(" ")] for w in words]
     assert len(words) > 40000
     assert [w for w, a, b in zip(words, fast, slow) if a != b] == []
+
+
+def test_the_fingerprint_follows_the_vocabulary_not_its_files(tmp_path):
+    """Weights record it: the same pieces and merges in other files (an export's vocab.json and
+    merges.txt) give the same fingerprint, a task's added specials do not change it, one changed
+    merge does."""
+    base = TextEncoder(str(ENCODER), str(MERGES))
+    copy = {"vocab.json": json.dumps(json.loads(ENCODER.read_text()), indent=1),
+            "merges.txt": MERGES.read_text(encoding="utf-8").replace("\n", "\r\n")}
+    for name, text in copy.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    same = TextEncoder(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert same.fingerprint() == base.fingerprint() and base.fingerprint().startswith("sha256:")
+    same.encoder["_classify_"] = len(same.encoder)
+    same._fingerprint = None
+    assert same.fingerprint() == base.fingerprint()
+    lines = MERGES.read_text(encoding="utf-8").split("\n")
+    lines[1], lines[2] = lines[2], lines[1]  # two merges' ranks swapped
+    (tmp_path / "other.txt").write_text("\n".join(lines), encoding="utf-8")
+    assert TextEncoder(str(ENCODER), str(tmp_path / "other.txt")).fingerprint() != base.fingerprint()
+
+
+def test_a_vocabulary_file_with_bytes_that_are_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "v.json").write_bytes(b'{"a": 0, "\xff": 1}')
+    (tmp_path / "m.bpe").write_bytes(b"#version: 0.2\na b\n\xfe c\n")
+    with pytest.raises(VocabularyError, match=r"v.json, line 1, column 11: not UTF-8 text \(byte 0xff"):
+        TextEncoder(str(tmp_path / "v.json"), str(tmp_path / "m.bpe"))
+    (tmp_path / "v.json").write_text(json.dumps({"<unk>": 0, "a": 1}))
+    with pytest.raises(VocabularyError, match=r"m.bpe, line 3, column 1: not UTF-8 text \(byte 0xfe"):
+        TextEncoder(str(tmp_path / "v.json"), str(tmp_path / "m.bpe"))

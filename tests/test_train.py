@@ -11,16 +11,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import analysis
+import config
+import engine
 import export_hf
+import generate
 import train
+from checkpoints import load_checkpoint, load_model, read_checkpoint
 from conftest import ROOT
-from datasets import ROC_TEST, rocstories, rocstories_test_labels, write_synthetic_rocstories
-from model_pytorch import MultipleChoiceHead, load_lm, make_task_head, model_from_checkpoint, read_checkpoint
-from random_weights import write_openai_weights
+from datasets import ROC_TEST, rocstories, rocstories_test_labels
+from engine import PhaseTimes, Runtime, Trainer
+from model_pytorch import MultipleChoiceHead, make_task_head
+from synthetic import synthetic_story, write_synthetic, write_synthetic_rocstories
+from tasks import METRIC_KEYS, get_task
 from text_utils import learn_bpe
+from weights import write_openai_weights
 
 SIZES = ["--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4", "--n_gpu", "4",
          "--n_valid", "40", "--n_iter", "2", "--lr", "1e-3", "--eval_batch", "16"]
@@ -29,16 +35,10 @@ pytestmark = pytest.mark.slow  # end-to-end runs of train.py; `pytest -m "not sl
 NO_DROPOUT = ["--embd_pdrop", "0", "--attn_pdrop", "0", "--resid_pdrop", "0", "--clf_pdrop", "0"]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="session")
+def setup(roc_files):
     """Data (120 labelled + 40 test stories), a learned vocabulary and random weights."""
-    base = tmp_path_factory.mktemp("train")
-    data = write_synthetic_rocstories(base / "data", n_val=120, n_test=40, seed=5)
-    train_split = rocstories(data, n_valid=40)[0]
-    encoder = learn_bpe(list(train_split[0]) + list(train_split[1]), str(base / "model" / "encoder.json"),
-                        str(base / "model" / "vocab.bpe"), vocab_size=300, min_frequency=1)
-    write_openai_weights(base / "model", n_vocab=len(encoder.encoder), n_ctx=96, n_embd=32, n_layer=2, seed=1)
-    return base
+    return roc_files
 
 
 def arguments(setup, out, *extra):
@@ -51,6 +51,12 @@ def arguments(setup, out, *extra):
 def vocabulary_size(model_dir):
     """Tokens in the learned vocabulary of a fixture's model folder."""
     return len(json.loads((model_dir / "encoder.json").read_text()))
+
+
+def run_of(argv):
+    """train.py's Run of these flags, set up (data, model, optimizer, engine) on the CPU."""
+    runtime = Runtime(torch.device("cpu"))
+    return train.Run(config.parse(argv), runtime, PhaseTimes(runtime))
 
 
 def read_log(out):
@@ -86,22 +92,23 @@ def test_end_to_end_outputs_are_consistent(setup, tmp_path, capsys):
     from safetensors.torch import load_file
     best = load_file(tmp_path / "save" / "run" / "best_params.safetensors")
     assert "transformer.h.1.attn.c_attn.w" in best and "task_head.linear.weight" in best
-    recorded = read_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"))[1]
+    _, spec, recorded = read_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"))
     assert recorded["n_head"] == 4 and recorded["dataset"] == "rocstories"  # the run's arguments, as JSON
+    assert (spec.head, spec.n_special, spec.n_vocab, spec.config.n_head) == ("multiple_choice", 3,
+                                                                           vocabulary_size(setup / "model"), 4)
     png = analysis.plot_learning_curve(str(tmp_path / "log" / "run.jsonl"), str(tmp_path / "curve.png"))
     assert os.path.getsize(png) > 1000
 
 
 def test_saved_parameters_load_for_generation_and_export_without_flags(setup, tmp_path):
-    """Both files a run writes record its arguments: the loaders need no --n_head and build the run's head."""
+    """Both files a run writes record the spec of their model: the loaders need no sizes and build the run's head."""
     assert train.main(arguments(setup, tmp_path, "--submit")) == 0
-    n_vocab = vocabulary_size(setup / "model")
     trained = final_state(tmp_path)["model"]
     for name in ("best_params.safetensors", "checkpoint.pt"):
         path = str(tmp_path / "save" / "run" / name)
-        model = model_from_checkpoint(path, n_vocab, task_head_type="auto")
+        model, spec = load_model(path)
         assert isinstance(model.task_head, MultipleChoiceHead) and model.transformer.cfg.n_head == 4, name
-        assert load_lm(path, n_vocab).transformer.cfg.n_head == 4, name
+        assert load_model(path, head=None)[0].transformer.cfg.n_head == 4, name
         if name == "checkpoint.pt":
             loaded = model.state_dict()
             assert all(torch.equal(loaded[k], v) for k, v in trained.items())
@@ -109,20 +116,10 @@ def test_saved_parameters_load_for_generation_and_export_without_flags(setup, tm
 
 def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
     assert train.main(arguments(setup, tmp_path, "--submit")) == 0
-    from safetensors.torch import load_model
-
-    from model_pytorch import DoubleHeadModel, GPTConfig
-    vocab = final_state(tmp_path)["model"]["transformer.embed.weight"].shape[0]
-    n_vocab = vocabulary_size(setup / "model")
-    n_ctx = vocab - n_vocab - 3
-    model = DoubleHeadModel(GPTConfig(n_embd=32, n_head=4, n_layer=2), n_vocab + 2, "multiple_choice",
-                            vocab=vocab, n_ctx=n_ctx)
-    load_model(model, tmp_path / "save" / "run" / "best_params.safetensors")
-    args = train.parse_args(arguments(setup, tmp_path))
-    encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data = train.load_task_data(args, encoder, train.task_for(args))
-    assert data.n_ctx == n_ctx
-    logits = train.predict_logits(model, *data.splits["test"][:2], args, train.Runtime(torch.device("cpu")))
+    model, _ = load_model(str(tmp_path / "save" / "run" / "best_params.safetensors"))
+    run = run_of(arguments(setup, tmp_path))
+    run.model.load_state_dict(model.state_dict())
+    logits = run.trainer.outputs(*run.data.splits["test"][:2])
     lines = (tmp_path / "sub" / "ROCStories.tsv").read_text().splitlines()[1:]
     assert np.argmax(logits, 1).tolist() == [int(line.split("\t")[1]) for line in lines]
 
@@ -209,7 +206,7 @@ def test_an_output_folder_that_cannot_be_written_fails_before_training(setup, tm
     blocker.write_text("")
     argv = arguments(setup, tmp_path, "--submit")
     argv[argv.index(flag) + 1] = str(blocker / "out")
-    monkeypatch.setattr(train, "set_up", lambda *a: pytest.fail("set up before the output folders were checked"))
+    monkeypatch.setattr(train, "Run", lambda *a: pytest.fail("set up before the output folders were checked"))
     expect_failure(argv, rf"error: cannot write to the output folder {re.escape(str(blocker / 'out'))}: ", capsys)
 
 def test_vocabulary_that_does_not_fit_the_weights(setup, tmp_path, capsys):
@@ -230,10 +227,8 @@ def test_n_ctx_too_large_for_the_position_table(setup, tmp_path, capsys):
 
 
 def test_n_ctx_too_large_for_the_position_table_names_the_task_cut_rule(tmp_path, capsys):
-    import tasks
-
-    data = tasks.write_synthetic("sst2", str(tmp_path / "data"), 16, 8, 8, seed=1)
-    texts = tasks.get_task("sst2").read(data)["train"].texts[0]
+    data = write_synthetic("sst2", str(tmp_path / "data"), 16, 8, 8, seed=1)
+    texts = get_task("sst2").read(data)["train"].texts[0]
     encoder = learn_bpe(texts, str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"), vocab_size=300,
                         min_frequency=1)
     write_openai_weights(tmp_path / "w", n_vocab=len(encoder.encoder), n_ctx=8, n_embd=32, n_layer=2)
@@ -318,22 +313,6 @@ def test_bf16_autocast_runs_on_cpu(setup, tmp_path):
     assert all(np.isfinite(p["va_cost"]) for p in read_log(tmp_path)[1:])
 
 
-def test_fast_evaluation_equals_the_plain_path(setup):
-    args = train.parse_args(arguments(setup, setup))
-    encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    data = train.load_task_data(args, encoder, train.task_for(args))
-    specials, n_ctx = data.specials, data.n_ctx
-    from model_pytorch import DoubleHeadModel, GPTConfig
-    torch.manual_seed(0)
-    model = DoubleHeadModel(GPTConfig(n_embd=32, n_head=4, n_layer=2), specials.clf_token, "multiple_choice",
-                            vocab=specials.n_vocab + 3 + n_ctx, n_ctx=n_ctx)
-    runtime = train.Runtime(torch.device("cpu"))
-    fast = train.predict_logits(model, *data.splits["test"][:2], args, runtime)
-    args.plain = True
-    plain = train.predict_logits(model, *data.splits["test"][:2], args, runtime)
-    assert np.abs(fast - plain).max() <= 1e-5
-
-
 # ----------------------------------------------------------------------------- the original's numpy stream
 
 def reference_orders(seed, n_embd, n_train, n_epochs):
@@ -349,27 +328,26 @@ def reference_orders(seed, n_embd, n_train, n_epochs):
 def record_epochs(monkeypatch):
     """The order of each epoch and the first batch the training loop then used."""
     seen = dict(orders=[], first_batches=[])
-    real_order, real_micro = train.epoch_order, train.micro_batches_of
+    real_order, real_micro = train.epoch_order, Trainer.micro_batches
 
     def order(rng, n):
         seen["orders"].append(real_order(rng, n))
         seen["expect_first"] = True
         return seen["orders"][-1]
 
-    def micro(run, xmb, mmb, ymb):
+    def micro(trainer, xmb, mmb, ymb):
         if seen.pop("expect_first", False):
             seen["first_batches"].append(xmb.copy())
-        return real_micro(run, xmb, mmb, ymb)
+        return real_micro(trainer, xmb, mmb, ymb)
 
     monkeypatch.setattr(train, "epoch_order", order)
-    monkeypatch.setattr(train, "micro_batches_of", micro)
+    monkeypatch.setattr(Trainer, "micro_batches", micro)
     return seen
 
 
 def test_special_rows_and_epoch_orders_follow_the_original_numpy_stream(setup, tmp_path, monkeypatch):
     argv = arguments(setup, tmp_path, "--seed", "42", "--n_iter", "3")
-    args = train.parse_args(argv)
-    run = train.set_up(args, train.Runtime(torch.device("cpu")), train.PhaseTimes(train.Runtime(torch.device("cpu"))))
+    run = run_of(argv)
     n_vocab, n_train = run.data.specials.n_vocab, len(run.data.splits["train"][0])
     special, orders = reference_orders(42, 32, n_train, 3)
     np.testing.assert_array_equal(run.model.transformer.embed.weight[n_vocab:n_vocab + 3].detach().numpy(), special)
@@ -403,7 +381,7 @@ def count_syncs(argv, monkeypatch, sync_counter):
     from model_pytorch import DoubleHeadModel, LMModel
 
     updates, forwards = [], []
-    real_update = train.train_update
+    real_update = Trainer.update
 
     def update(*a, **k):
         before = len(sync_counter.calls)
@@ -411,9 +389,9 @@ def count_syncs(argv, monkeypatch, sync_counter):
         updates.append(len(sync_counter.calls) - before)
         return values
 
-    sync_counter.wrap(train, "train_update", monkeypatch)
-    monkeypatch.setattr(train, "train_update", update)
-    sync_counter.wrap(train.LateReader, "push", monkeypatch)
+    sync_counter.wrap(Trainer, "update", monkeypatch)
+    monkeypatch.setattr(Trainer, "update", update)
+    sync_counter.wrap(engine.LateReader, "push", monkeypatch)
     for model_class in (DoubleHeadModel, LMModel):
         def forward(self, *a, real_forward=model_class.forward, **k):
             before = len(sync_counter.calls)
@@ -439,16 +417,9 @@ def test_an_update_makes_at_most_one_sync_and_evaluation_none(setup, tmp_path, m
 
 
 def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_path, monkeypatch):
-    for device, eval_batch in (("cuda", 128), ("cpu", 16)):
-        args = train.parse_args(arguments(setup, tmp_path))
-        args.eval_batch = None  # the default
-        train.default_eval_batch(args, train.Runtime(torch.device(device)))
-        assert args.micro_batch is None  # None: one pass
-        assert args.eval_batch == eval_batch
     calls = []
-    real = train.batch_objective
-    monkeypatch.setattr(train, "batch_objective", lambda model, batch, *a: calls.append(len(batch.Y)) or
-                        real(model, batch, *a))
+    real = Trainer.objective
+    monkeypatch.setattr(Trainer, "objective", lambda self, batch: calls.append(len(batch.Y)) or real(self, batch))
     assert train.main(arguments(setup, tmp_path / "one", "--n_iter", "1")) == 0
     assert calls == [16] * 5  # n_batch 4 x n_gpu 4 in one forward per update, on this CPU too
     calls.clear()
@@ -456,41 +427,8 @@ def test_one_pass_per_update_by_default_and_micro_batches_on_request(setup, tmp_
     assert calls == [4] * 20
 
 
-KEEP_MEMORY_PROBE = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-import train
-applied = train.keep_freed_host_memory() if sys.argv[1] == "keep" else False
-for _ in range(2):  # the first round may grow the heap
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, allocated, touched and freed
-    blocks = [torch.ones(768 * 2 ** 20 // 4) for _ in range(3)]  # a pass's activations: 2.25 GiB held at once
-    del blocks  # freed together: more than 2 GiB free at the heap's top
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(applied, faults)
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="glibc's allocator only")
-def test_freed_host_memory_is_reused_without_page_faults(tmp_path):
-    """Without keep_freed_host_memory every 64 MiB block is a fresh mmap: 16,384 page faults to
-    touch it, each time; with it the second round reuses the heap, also after more than 2 GiB were
-    freed at once (with a trimming threshold of 2 GiB that was handed back: 573,000 faults in the second round)."""
-    script = tmp_path / "probe.py"
-    script.write_text(KEEP_MEMORY_PROBE.format(root=str(ROOT)))
-    results = {}
-    for mode in ("keep", "default"):
-        out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, check=True)
-        applied, faults = out.stdout.split()
-        results[mode] = (applied, int(faults))
-    print(results)
-    assert results["keep"][0] == "True"
-    assert results["default"][1] > 5 * 10_000  # about 16,384 faults per block
-    assert results["keep"][1] < 1_000
-
-
 def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
     """At the paper's learning rate, as the objective is the same: the float32 sums only run in another order.
     (At this file's lr of 1e-3 the rounding differences grow with the steps: 2.4e-7 here, 1.6e-6 on CI's CPU.)"""
@@ -504,41 +442,6 @@ def test_one_pass_equals_the_towers_with_dropout_off(setup, tmp_path):
     assert worst <= 1e-6  # measured 7.5e-9 (up to 6e-8 with earlier, random vocabularies); training moves 2.8e-4
 
 
-def param_casts(model, fn):
-    """How many times autocast casts a parameter while fn runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    params = {p.data_ptr() for p in model.parameters()}
-
-    class Casts(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in params:
-                Casts.count += 1
-            return func(*args, **(kwargs or {}))
-
-    with Casts():
-        fn()
-    return Casts.count
-
-
-def test_autocast_casts_the_weights_once_per_update(setup, tmp_path):
-    counts = {}
-    for micro in ("16", "4"):
-        args = train.parse_args(arguments(setup, tmp_path, "--amp", "bf16", "--micro_batch", micro))
-        runtime = train.Runtime(torch.device("cpu"))
-        run = train.set_up(args, runtime, train.PhaseTimes(runtime))
-        train.wrap_for_training(run)
-        X, M, Y = (a[:16] for a in run.data.splits["train"])
-        batches = train.micro_batches_of(run, X, M, Y)
-        counts[micro] = param_casts(run.model, lambda run=run, batches=batches, args=args, runtime=runtime:
-                                    train.train_update(run.train_model, batches, run.compute, run.opt, None, args,
-                                                       runtime))
-    print(f"parameter casts per update: {counts}")
-    assert counts["16"] > 0 and counts["4"] == counts["16"]
-
-
 def test_compiled_bucketed_path_equals_eager(setup, tmp_path):
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert train.main(arguments(setup, eager, *NO_DROPOUT, "--n_iter", "1")) == 0
@@ -547,30 +450,6 @@ def test_compiled_bucketed_path_equals_eager(setup, tmp_path):
     worst = max((a[k] - b[k]).abs().max().item() for k in a if k != "task_head.linear.bias")
     print(f"--compile vs eager: max parameter difference {worst:.1e}")
     assert worst <= 1e-5
-
-
-def test_encoding_is_cached_and_follows_the_data(setup, tmp_path, monkeypatch):
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(setup / "data", data)
-    args = train.parse_args(arguments(setup, tmp_path) + ["--data_dir", str(data)])
-    encoder = train.TextEncoder(args.encoder_path, args.bpe_path)
-    load = lambda enc: train.load_task_data(args, enc, train.task_for(args))
-    first = load(train.TextEncoder(args.encoder_path, args.bpe_path))
-    calls = []
-    real = train.encode_dataset
-    monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = load(encoder)
-    assert calls == []  # read from the cache
-    for name in first.splits:
-        np.testing.assert_array_equal(first.splits[name][0], again.splits[name][0])
-    path = data / ROC_TEST
-    path.write_text(path.read_text().replace("smiled", "grinned"))
-    changed = load(train.TextEncoder(args.encoder_path, args.bpe_path))
-    assert calls == [1]  # the data changed: encoded again
-    assert not np.array_equal(changed.splits["test"][0], first.splits["test"][0])
-
 
 
 def test_an_unwritable_encoding_cache_warns_and_the_run_goes_on(setup, tmp_path, capsys):
@@ -604,7 +483,7 @@ def cuda_syncs_are_errors():
 def test_cuda_update_and_evaluation_forward_never_synchronise(setup, tmp_path, monkeypatch, amp):
     from model_pytorch import DoubleHeadModel
 
-    real_update, real_forward, checked = train.train_update, DoubleHeadModel.forward, []
+    real_update, real_forward, checked = Trainer._update, DoubleHeadModel.forward, []
 
     def update(*a, **k):
         with cuda_syncs_are_errors():
@@ -618,7 +497,7 @@ def test_cuda_update_and_evaluation_forward_never_synchronise(setup, tmp_path, m
             checked.append("evaluation")
             return real_forward(self, *a, **k)
 
-    monkeypatch.setattr(train, "train_update", update)
+    monkeypatch.setattr(Trainer, "_update", update)
     monkeypatch.setattr(DoubleHeadModel, "forward", forward)
     assert train.main(arguments(setup, tmp_path, "--n_iter", "1", "--device", "cuda", *amp)) == 0
     assert checked.count("update") == 5 and "evaluation" in checked
@@ -640,48 +519,6 @@ def test_cuda_training_equals_the_cpu(setup, tmp_path, flags):
 
 # ----------------------------------------------------------------------------- the objective, schedule, best parameters
 
-def test_the_update_trains_on_the_task_and_the_lm_loss(setup, tmp_path):
-    """The gradient of one update equals that of mean(clf loss) + 0.5 mean(LM loss) written out
-    from the model's full outputs (docs/reference.md §2): dropping the LM term fails here."""
-    args = train.parse_args(arguments(setup, tmp_path, *NO_DROPOUT))
-    runtime = train.Runtime(torch.device("cpu"))
-    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
-    train.wrap_for_training(run)
-    X, M, Y = (a[:16] for a in run.data.splits["train"])
-
-    grads = {}
-
-    class Recorder:
-        def step(self):
-            grads.update({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
-
-        def zero_grad(self, set_to_none=True):
-            run.model.zero_grad(set_to_none=set_to_none)
-
-    values = train.train_update(run.model, train.micro_batches_of(run, X, M, Y), run.compute, Recorder(), None,
-                                args, runtime)
-
-    model = run.model
-    Xt, Mt, Yt = torch.from_numpy(X), torch.from_numpy(M), torch.from_numpy(Y).long()
-    we = model.transformer.embed.weight
-    h = model.transformer(Xt, we)  # [32 sequences, T, n_embd], every position
-    logits = h[:, :-1] @ we.T
-    targets = Xt[..., 1:, 0].reshape(32, -1)
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    mask = Mt.reshape(32, -1)[:, 1:]
-    lm = ((token_loss.view(32, -1) * mask).sum(1) / mask.sum(1)).mean()
-    first_clf = (Xt[..., 0].reshape(32, -1) == run.data.specials.clf_token).int().argmax(1)
-    pooled = h[torch.arange(32), first_clf]
-    clf_logits = model.task_head.linear(pooled).view(16, 2)
-    expected = F.cross_entropy(clf_logits, Yt) + 0.5 * lm
-    model.zero_grad()
-    expected.backward()
-    assert values[0].item() == pytest.approx(expected.item(), rel=1e-5)
-    for name, p in model.named_parameters():
-        if name != "task_head.linear.bias":
-            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
 def test_schedule_length_is_the_number_of_updates(setup, tmp_path):
     assert train.main(arguments(setup, tmp_path)) == 0
     group = final_state(tmp_path)["optimizer"]["param_groups"][0]
@@ -692,23 +529,23 @@ def test_schedule_length_is_the_number_of_updates(setup, tmp_path):
 def test_the_best_epoch_not_the_last_predicts_the_test_set(setup, tmp_path, monkeypatch):
     """Validation accuracy scripted to peak at epoch 1: the submission must come from the
     parameters of epoch 1 (saved as the best), not from those of the last epoch."""
-    real_evaluate = train.evaluate
+    real_evaluate = Trainer.evaluate
     scripted = iter([None, 90.0, None, 50.0])  # (train, valid) per log point: valid 90, then 50
 
-    def evaluate(*a):
-        cost, metrics = real_evaluate(*a)
+    def evaluate(self, *a):
+        cost, metrics = real_evaluate(self, *a)
         forced = next(scripted)
         return cost, metrics if forced is None else {"Accuracy": forced}
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
     used = {}
-    real_predict = train.predict_logits
+    real_outputs = Trainer.outputs
 
-    def predict_logits(model, *a, **k):
-        used["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return real_predict(model, *a, **k)
+    def outputs(self, *a, **k):
+        used["params"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        return real_outputs(self, *a, **k)
 
-    monkeypatch.setattr(train, "predict_logits", predict_logits)
+    monkeypatch.setattr(Trainer, "outputs", outputs)
     assert train.main(arguments(setup, tmp_path, "--submit")) == 0
     from safetensors.torch import load_file
     best = load_file(tmp_path / "save" / "run" / "best_params.safetensors")
@@ -716,17 +553,6 @@ def test_the_best_epoch_not_the_last_predicts_the_test_set(setup, tmp_path, monk
     name = "transformer.h.1.mlp.c_fc.w"
     assert not torch.equal(best[name], last[name])
     assert all(torch.equal(used["params"][n], best[n]) for n in best)
-
-
-def test_predict_logits_keeps_the_callers_mode(setup):
-    args = train.parse_args(arguments(setup, setup))
-    runtime = train.Runtime(torch.device("cpu"))
-    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
-    X, M, _ = (a[:8] for a in run.data.splits["valid"])
-    for training in (True, False):
-        run.model.train(training)
-        train.predict_logits(run.model, X, M, args, runtime)
-        assert run.model.training is training and run.model.transformer.h[0].training is training
 
 
 # ----------------------------------------------------------------------------- resume, flags, stops
@@ -747,13 +573,6 @@ def interrupted(setup, tmp_path_factory):
 def test_resume_refuses_a_changed_setting(setup, interrupted, flag, value, capsys):
     argv = arguments(setup, interrupted, "--resume", flag, *([value] if value else []))
     expect_failure(argv, rf"error: --resume: the checkpoint was made with other settings: {flag} ", capsys)
-
-
-def test_resume_compares_every_setting_of_the_run_group():
-    settings = set(train.run_settings(train.build_parser()))
-    assert {"n_ctx", "embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop", "plain", "amp", "n_transfer",
-            "micro_batch", "compile", "seed", "n_iter", "n_batch", "n_gpu", "lr", "afn"} <= settings
-    assert not {"submit", "analysis", "data_dir", "log_dir", "save_dir", "device", "eval_batch", "resume"} & settings
 
 
 def test_submit_added_on_resume(setup, interrupted, capsys):
@@ -788,22 +607,6 @@ def test_invalid_flag_in_a_subprocess_is_one_line(setup, tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == "error: --n_gpu 0 is invalid: it must be at least 1"
 
 
-def test_resume_with_more_cuda_states_than_devices(monkeypatch):
-    """A checkpoint from a machine with 3 GPUs resumes on one with 1 (and on a CPU-only one)."""
-    restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
-    state = dict(torch=torch.get_rng_state(), python=list(__import__("random").getstate()),
-                 cuda=[torch.zeros(16, dtype=torch.uint8)] * 3)
-    train.restore_rng(state)
-    assert restored == [0]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    restored.clear()
-    train.restore_rng(state)
-    assert restored == []
-
-
 def child_pids(pid):
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]
@@ -832,8 +635,8 @@ def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
     ckpt = final_state(tmp_path)
     assert 0 < ckpt["n_updates"] < 400 * 5
     argv[argv.index("--n_iter") + 1] = "400"
-    resumed = train.load_checkpoint(str(tmp_path / "save" / "run" / "checkpoint.pt"), train.parse_args(argv),
-                                    vars(train.build_parser().parse_args([])))
+    resumed = load_checkpoint(str(tmp_path / "save" / "run" / "checkpoint.pt"), config.parse(argv).flags(),
+                              config.fixed_settings(), config.RunConfig().flags())
     assert resumed["n_updates"] == ckpt["n_updates"]
 
 
@@ -846,13 +649,11 @@ TASK_NAMES = ["sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "snl
 def task_folders(tmp_path_factory):
     """Each task's synthetic folder in its real layout, a vocabulary learned from its training texts and
     tiny random weights."""
-    import tasks
-
     base = tmp_path_factory.mktemp("tasks")
     folders = {}
     for name in TASK_NAMES:
-        data = tasks.write_synthetic(name, str(base / name / "data"), 160, 48, 24, seed=1)
-        texts = [t for field in tasks.get_task(name).read(data)["train"].texts for t in field]
+        data = write_synthetic(name, str(base / name / "data"), 160, 48, 24, seed=1)
+        texts = [t for field in get_task(name).read(data)["train"].texts for t in field]
         model = base / name / "model"
         encoder = learn_bpe(texts, str(model / "encoder.json"), str(model / "vocab.bpe"), vocab_size=300,
                             min_frequency=1)
@@ -890,15 +691,14 @@ def test_fine_tuning_goes_on_from_an_exported_fine_tune(setup, tmp_path):
     best, hf = exported_fine_tune(setup, tmp_path)
     argv = arguments(setup, tmp_path / "second", "--n_iter", "1")
     argv[argv.index("--model_path") + 1] = str(hf)
-    runtime = train.Runtime(torch.device("cpu"))
-    run = train.set_up(train.parse_args(argv), runtime, train.PhaseTimes(runtime))
+    run = run_of(argv)
     exported = read_checkpoint(str(best))[0]
     loaded = run.model.state_dict()
     for name, tensor in exported.items():
         if not name.startswith("task_head"):  # a new head, as from pre-trained weights
             torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
     n_vocab = vocabulary_size(setup / "model")
-    drawn = train.set_up(train.parse_args(arguments(setup, tmp_path / "third")), runtime, train.PhaseTimes(runtime))
+    drawn = run_of(arguments(setup, tmp_path / "third"))
     assert not torch.equal(exported["transformer.embed.weight"][n_vocab:n_vocab + 3],
                            drawn.model.transformer.embed.weight[n_vocab:n_vocab + 3])  # trained, not the seed's draw
     assert train.main(argv) == 0
@@ -907,8 +707,6 @@ def test_fine_tuning_goes_on_from_an_exported_fine_tune(setup, tmp_path):
 def test_a_language_model_trains_from_an_exported_fine_tune(setup, tmp_path):
     """A language model has no special rows: the export's stay behind, every other row loads."""
     import random as _random
-
-    from datasets import synthetic_story
 
     best, hf = exported_fine_tune(setup, tmp_path)
     text = tmp_path / "corpus"
@@ -939,19 +737,18 @@ def test_exported_special_rows_that_are_not_a_fine_tunes_are_refused(setup, tmp_
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
-    import tasks
-
+    """Each task's run, its report and submission; then its kept parameters generate and export with no size,
+    head or vocabulary flag (the file records its model and the run's vocabulary)."""
     data = task_folders[name][0]
     assert train.main(task_arguments(task_folders, name, tmp_path, "--submit", "--analysis")) == 0
     printed = capsys.readouterr().out
-    task = tasks.get_task(name)
-    n_vocab = vocabulary_size(task_folders[name][1])
-    kept = model_from_checkpoint(str(tmp_path / "save" / "run" / "best_params.safetensors"), n_vocab,
-                                 task_head_type="auto")  # the head of the recorded --dataset
+    task = get_task(name)
+    best = str(tmp_path / "save" / "run" / "best_params.safetensors")
+    kept, _ = load_model(best)  # the head the file records
     assert type(kept.task_head) is type(make_task_head(task.head, 0, kept.transformer.cfg))
-    export = ["--model_path", str(tmp_path / "save" / "run" / "best_params.safetensors"), "--out", str(tmp_path / "hf"),
-              "--encoder_path", str(task_folders[name][1] / "encoder.json"),
-              "--bpe_path", str(task_folders[name][1] / "vocab.bpe")]
+    assert generate.main(["--model_path", best, "--prompt", "the", "--max_new_tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("the >>> ")
+    export = ["--model_path", best, "--out", str(tmp_path / "hf")]
     if task.head == "multiple_choice":
         assert export_hf.main(export) == 0
     else:  # transformers has no such head: a clear refusal, and the language model exports
@@ -959,7 +756,7 @@ def test_every_task_trains_end_to_end(task_folders, tmp_path, name, capsys):
         assert export_hf.main([*export, "--lm_only"]) == 0
     read = task.read(data)
     log = read_log(tmp_path)[1:]
-    first = f"va_{train.METRIC_KEYS[task.metric_names[0]]}"
+    first = f"va_{METRIC_KEYS[task.metric_names[0]]}"
     for key, split in read.items():
         if key == "train" or split.labels is None:
             continue
@@ -1002,8 +799,6 @@ def corpus(tmp_path_factory):
     """A small plain-text corpus (stories), a vocabulary learned from it and the ROCStories data, and
     tiny random weights."""
     import random as _random
-
-    from datasets import synthetic_story
 
     base = tmp_path_factory.mktemp("lm")
     rng = _random.Random(3)
@@ -1067,31 +862,12 @@ def test_language_model_plain_and_compiled_paths_train_the_same(corpus, tmp_path
         assert worst <= 1e-5  # measured 1.2e-7 (--plain) and 3.4e-8 (--compile) at the recipe's lr of 2.5e-4
 
 
-def test_language_model_evaluation_bounds_the_logits_per_forward(corpus, tmp_path, monkeypatch):
-    from model_pytorch import LMModel
-
-    args = train.parse_args(lm_arguments(corpus, tmp_path, "--eval_batch", "64"))
-    runtime = train.Runtime(torch.device("cpu"))
-    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
-    X, M = run.data.splits["valid"][:2]
-    vocab = run.model.transformer.embed.weight.size(0)
-    sizes, real_forward = [], LMModel.forward
-    monkeypatch.setattr(LMModel, "forward", lambda self, x, **k: sizes.append(len(x)) or real_forward(self, x, **k))
-    whole = train.evaluate_lm(run.model, X, M, args, runtime)
-    assert sizes == [len(X)]  # within the budget: --eval_batch (64) sequences at a time
-    sizes.clear()
-    monkeypatch.setattr(train, "LM_EVAL_LOGITS", 3 * X.shape[-2] * vocab + 1)
-    parts = train.evaluate_lm(run.model, X, M, args, runtime)
-    assert len(X) > 3 and max(sizes) == 3 and sum(sizes) == len(X)
-    assert parts == pytest.approx(whole, rel=1e-6)
-
-
 def test_language_model_checkpoint_loads_with_its_own_positions(corpus, tmp_path):
     """checkpoint.pt records --dataset lm, so its loader counts no special rows (3 would shift every position)."""
     assert train.main(lm_arguments(corpus, tmp_path, "--n_iter", "1")) == 0
     n_vocab = vocabulary_size(corpus / "model")
     run = tmp_path / "save" / "run"
-    from_checkpoint, from_folder = load_lm(str(run / "checkpoint.pt"), n_vocab), load_lm(str(run / "model"), n_vocab)
+    from_checkpoint, from_folder = load_model(str(run / "checkpoint.pt"))[0], load_model(str(run / "model"))[0]
     assert from_checkpoint.transformer.n_ctx == from_folder.transformer.n_ctx == 32
     x = torch.stack([torch.randint(0, n_vocab, (2, 32)), n_vocab + torch.arange(32).expand(2, 32)], dim=-1)
     torch.testing.assert_close(from_checkpoint.eval()(x), from_folder.eval()(x), rtol=0, atol=1e-6)
@@ -1115,9 +891,7 @@ def test_fine_tuning_starts_from_the_trained_language_model(corpus, tmp_path):
             str(lm_dir / "vocab.json"), "--bpe_path", str(lm_dir / "merges.txt"), "--log_dir", str(tmp_path / "log"),
             "--save_dir", str(tmp_path / "save"), "--submission_dir", str(tmp_path / "sub"), "--desc", "run",
             *SIZES, "--n_ctx", "32", "--n_iter", "1", "--stop_after_updates", "1"]
-    args = train.parse_args(argv)
-    runtime = train.Runtime(torch.device("cpu"))
-    run = train.set_up(args, runtime, train.PhaseTimes(runtime))
+    run = run_of(argv)
     trained = final_state(tmp_path / "lm")["model"]
     ours = run.model.transformer.state_dict()
     n_vocab = run.data.specials.n_vocab
@@ -1128,25 +902,6 @@ def test_fine_tuning_starts_from_the_trained_language_model(corpus, tmp_path):
     assert "transformer.tokens_embed.weight" in load_file(lm_dir / "model.safetensors") or \
         "tokens_embed.weight" in load_file(lm_dir / "model.safetensors")
     assert train.main(argv) == 130  # and it trains
-
-
-def test_out_of_memory_halves_the_pass_and_keeps_the_objective(setup, tmp_path, monkeypatch, capsys):
-    """A device that holds 4 examples per pass: the update is run again in micro-batches of 4, and the
-    run equals one made with --micro_batch 4 from the start."""
-    real = train.batch_objective
-
-    def small_device(model, batch, *a):
-        if len(batch.Y) > 4:
-            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return real(model, batch, *a)
-
-    assert train.main(arguments(setup, tmp_path / "asked", *NO_DROPOUT, "--micro_batch", "4")) == 0
-    monkeypatch.setattr(train, "batch_objective", small_device)
-    assert train.main(arguments(setup, tmp_path / "fallback", *NO_DROPOUT, "--micro_batch", "16")) == 0
-    assert "out of memory with 8 examples per pass: the update runs again as micro-batches of 4" in \
-        capsys.readouterr().out
-    a, b = final_state(tmp_path / "asked")["model"], final_state(tmp_path / "fallback")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_another_log_dir_is_a_clear_error(setup, interrupted, tmp_path, capsys):

@@ -1,11 +1,21 @@
 """utils: batching, logging and the original's small helpers."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from utils import ResultLogger, encode_dataset, flatten, iter_data, make_path, np_softmax, stsb_label_encoding
+from utils import (
+    ResultLogger,
+    atomic_write,
+    atomic_write_text,
+    encode_dataset,
+    iter_data,
+    json_lines,
+    make_path,
+    read_json,
+)
 
 
 def test_iter_data_batches_and_ends_cleanly():
@@ -64,10 +74,38 @@ def test_encode_dataset_sends_all_texts_in_one_call():
     assert encoder.calls[0][1] == {}  # encoders without a `workers` option still work
 
 
-def test_small_helpers(tmp_path):
-    np.testing.assert_allclose(np_softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]], rtol=1e-15)  # measured 0
-    np.testing.assert_allclose(stsb_label_encoding([2.4, 5.0]), [[0, 0, 0.6, 0.4, 0, 0], [0, 0, 0, 0, 0, 1]],
-                               atol=2e-7)  # measured 2.4e-08: 0.6 rounded to float32
-    assert flatten([[1, 2], [], [3]]) == [1, 2, 3]
+def test_make_path(tmp_path):
     target = tmp_path / "a" / "b" / "c.txt"
     assert make_path(str(target)) == str(target) and target.parent.is_dir()
+
+
+def test_json_reads_name_the_file_line_and_column(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_bytes(b'\xef\xbb\xbf{"a": [1, 2]}')  # a byte-order mark is dropped
+    assert read_json(path) == {"a": [1, 2]}
+    path.write_bytes(b'{"a":\n [1, 2}')
+    with pytest.raises(KeyError, match=r"x.json, line 2, column 7: not valid JSON \(Expecting"):
+        read_json(path, KeyError)
+    path.write_bytes(b'{"a": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"x.json, line 1, column 11: not UTF-8 text \(byte 0xe9"):
+        read_json(path)
+    with pytest.raises(ValueError, match=r"^vocabulary file '.*none.json' not found$"):
+        read_json(tmp_path / "none.json", what="vocabulary file")
+    assert json_lines('{"a": 1}\n\n[2]\n', "x.jsonl") == [(1, {"a": 1}), (3, [2])]
+    with pytest.raises(ValueError, match=r"^x.jsonl, line 2: not valid JSON"):
+        json_lines('{"a": 1}\n{"b":\n', "x.jsonl")
+
+
+def test_an_atomic_write_that_fails_leaves_neither_a_file_nor_its_temporary(tmp_path):
+    target = tmp_path / "out" / "file.txt"
+    atomic_write_text(str(target), "first")
+    assert target.read_text() == "first"
+
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(str(target), fail)
+    assert target.read_text() == "first" and os.listdir(target.parent) == ["file.txt"]

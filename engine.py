@@ -1,0 +1,335 @@
+"""The training engine: runs the updates and evaluations of a model for a task on this process's
+device (a CPU, one GPU, or one of several under torchrun) and knows nothing of which task it runs:
+the task says what the model must compute, how it is scored and what evaluation keeps.
+
+One update uses n_batch x n_gpu examples (8 x 4 = 32, the paper's batch). The TF code ran them as
+n_gpu towers of n_batch and averaged the towers' gradients; here a process runs its share of the
+update as ONE forward and backward pass (the same objective: the mean over the 32 examples), or as
+equal micro-batches. Nothing inside an update waits for the device: the batch layout is worked out
+on the host and the loss is read one update late (docs/speed.md).
+"""
+
+import contextlib
+import ctypes
+import os
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from batches import make_batch, resolve_device
+from utils import iter_data
+
+
+class RunError(RuntimeError):
+    """A failure reported as one clear message and a non-zero exit."""
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def synchronize(self):
+        """Wait for the device: only at phase boundaries, for honest phase times."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def setup_runtime(device_name, n_gpu):
+    """This process's device, and its rank among torchrun's processes (the process group joined)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        device = resolve_device(device_name)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    if device.type == "cpu":
+        keep_freed_host_memory()
+    if world == 1:
+        return Runtime(device)
+    if n_gpu % world:
+        raise RunError(f"n_gpu={n_gpu} towers cannot be spread over {world} processes: "
+                       f"n_gpu must be a multiple of the number of processes")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, rank, world)
+
+
+def keep_freed_host_memory():
+    """Have glibc's malloc keep freed blocks of any size for reuse instead of handing them back.
+
+    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it when freed, so
+    a CPU training pass whose activations are that large pays a page fault and a page clearing per
+    4 KiB the first time it touches each one, in every pass (docs/speed.md has the figures). The
+    process keeps its peak memory instead: no block is mmapped, and the heap is never trimmed (a
+    threshold of -1, mallopt(3); any finite one, even the largest, 2 GiB, still handed back the
+    several GiB a pass of 32 stories frees at once). Linux with glibc only; elsewhere nothing
+    changes. True when applied."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters of <malloc.h>
+    never = -1  # as the threshold: never trim the heap
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, never))
+
+
+class PhaseTimes:
+    """Wall time per phase of a run (start-up, encoding, loading, training, ...), for the report."""
+
+    def __init__(self, runtime):
+        self.runtime, self.seconds = runtime, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.runtime.synchronize()
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name, seconds):
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def report(self, n_updates):
+        parts = [f"{name} {s:.1f} s" for name, s in self.seconds.items()]
+        if n_updates and "training" in self.seconds:
+            parts.append(f"{1000 * self.seconds['training'] / n_updates:.1f} ms per update")
+        return "time: " + ", ".join(parts)
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: finish the current update, save a resumable checkpoint, then exit.
+    Under torchrun the request travels with the update's loss, so every process stops after the
+    same update."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"signal {signum}: saving a checkpoint after this update (again to stop at once)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class LateReader:
+    """Reads an update's [loss, stop flag] one update later, so the host never waits for the
+    device inside an update; `flush()` reads the last one (before any evaluation or checkpoint)."""
+
+    def __init__(self, device):
+        self.device, self.pending, self.n_update = device, None, 0
+        self.loss, self.stop = None, False
+
+    def push(self, values, n_update):
+        previous = self.flush()
+        if self.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = (host, event)
+        self.pending, self.n_update = values, n_update
+        return previous
+
+    def flush(self):
+        """(loss, stop flag) of the update pushed last, or None; raises on a non-finite loss."""
+        if self.pending is None:
+            return None
+        values, self.pending = self.pending, None
+        if isinstance(values, tuple):
+            values[1].synchronize()
+            values = values[0]
+        self.loss, stop = values.tolist()
+        self.stop = self.stop or stop > 0
+        if not np.isfinite(self.loss):
+            raise NonFiniteLoss(f"the training loss became {self.loss} at update {self.n_update}; the run is "
+                                "stopped (lower --lr, or drop --amp fp16). The best checkpoint is untouched.")
+        return self.loss, self.stop
+
+
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """No dropout and no gradients inside; the caller's train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class Trainer:
+    """Updates and evaluations of `model` for `task` under the frozen RunConfig `cfg`."""
+
+    def __init__(self, model, task, optimizer, cfg, runtime, clf_token):
+        self.model, self.task, self.opt, self.cfg, self.runtime = model, task, optimizer, cfg, runtime
+        self.clf_token = clf_token
+        self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.amp == "fp16" else None
+        self.micro_batch = cfg.micro_batch  # None: all at once; halved when the device runs out of memory
+        self.eval_batch = cfg.eval_batch or (16 if runtime.device.type == "cpu" else 128)
+        self.share = cfg.batch_size // runtime.world  # this process's examples per update
+        if cfg.micro_batch and self.share % cfg.micro_batch:
+            raise RunError(f"--micro_batch {cfg.micro_batch} must divide a process's share of the update "
+                           f"({self.share} examples)")
+        self.train_model = self._wrapped(model)
+        self.compile_shapes = {}  # with --compile: seconds of each new shape's first update (compiling)
+
+    def _wrapped(self, model):
+        """DDP across processes, torch.compile with static shapes (CUDA graphs on a GPU)."""
+        if self.runtime.world > 1:
+            cuda = self.runtime.device.type == "cuda"
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.runtime.device.index]
+                                                              if cuda else None)
+        if self.cfg.compile:
+            mode = "reduce-overhead" if self.runtime.device.type == "cuda" else None
+            model = torch.compile(model, dynamic=False, mode=mode)
+        return model
+
+    def autocast(self, enabled=True):
+        """The run's autocast (--amp); enabled=False turns it off inside an autocast region."""
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.runtime.device.type, dtype=dtype, enabled=enabled)
+
+    def batch_mode(self, training):
+        if self.cfg.plain:
+            return "plain"
+        return "static" if self.cfg.compile and training else "trimmed"
+
+    # -- training ----------------------------------------------------------------------------------
+    def micro_batches(self, X, M, Y):
+        """This process's share of an update's examples, as equal micro-batches on the device."""
+        rank = self.runtime.rank
+        X, M, Y = (a[rank * self.share:(rank + 1) * self.share] for a in (X, M, Y))
+        size = self.micro_batch or self.share
+        lm = self.task.uses_lm(True, self.cfg.lm_coef)
+        return [make_batch(X[k:k + size], M[k:k + size], Y[k:k + size], self.clf_token, self.runtime.device,
+                           self.batch_mode(training=True), lm=lm) for k in range(0, self.share, size)]
+
+    def objective(self, batch):
+        """The training objective of one (micro-)batch, as the task defines it."""
+        lm, logits = self.train_model(batch.X, plan=batch.plan)
+        return self.task.objective(lm, logits, batch.Y, self.cfg.lm_coef)
+
+    def update(self, X, M, Y, stop_requested=False):
+        """One update from the examples X, M, Y (every process's); returns a device tensor [mean loss,
+        stop flag] summed over processes. If the device runs out of memory, the same update runs again
+        in micro-batches of half the size (the same objective), and so on for the rest of the run."""
+        t0 = time.perf_counter()
+        while True:
+            batches = self.micro_batches(X, M, Y)
+            try:
+                values = self._update(batches, stop_requested)
+                break
+            except torch.OutOfMemoryError:
+                self._shrink_passes()
+            del batches
+        shape = tuple(batches[0].X.shape)
+        if self.cfg.compile and shape not in self.compile_shapes:
+            self.runtime.synchronize()
+            self.compile_shapes[shape] = time.perf_counter() - t0
+        return values
+
+    def _update(self, batches, stop_requested):
+        """Nothing here waits for the device (fp16's loss scaler aside)."""
+        total = None
+        with self.autocast():  # one region for all micro-batches: weights are cast once per update
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                sync = contextlib.nullcontext() if last or self.runtime.world == 1 else self.train_model.no_sync()
+                with sync:
+                    loss = self.objective(batch) / len(batches)
+                    with self.autocast(enabled=False):
+                        (self.scaler.scale(loss) if self.scaler else loss).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+        values = torch.stack([total.float(), total.new_full((), float(stop_requested), dtype=torch.float32)])
+        if self.runtime.world > 1:
+            dist.all_reduce(values)
+            values = torch.stack([values[0] / self.runtime.world, values[1]])
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return values
+
+    def _shrink_passes(self):
+        size = self.micro_batch or self.share
+        if size % 2 or self.runtime.world > 1:
+            raise RunError(f"out of memory with {size} examples per pass; pass a smaller --micro_batch "
+                           f"(it must divide {self.share})") from None
+        self.opt.zero_grad(set_to_none=True)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.micro_batch = size // 2
+        tqdm.write(f"out of memory with {size} examples per pass: the update runs again as micro-batches of "
+                   f"{self.micro_batch} (start with --micro_batch {self.micro_batch} to skip this)")
+
+    def compile_report(self, training_seconds):
+        """What --compile cost, and whether this run gained from it."""
+        if not self.compile_shapes:
+            return []
+        first_calls = sum(self.compile_shapes.values())
+        lines = [f"--compile: {len(self.compile_shapes)} training graphs; their first updates (compiling) took "
+                 f"{first_calls:.1f} s of {training_seconds:.1f} s of training"]
+        if first_calls > 0.5 * training_seconds:
+            lines.append("--compile: compiling took most of the training time: this run does not gain from --compile")
+        return lines
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def outputs(self, X, M):
+        """What the task keeps of each example (task logits; a language model's per-sequence LM loss),
+        in the examples' order: no dropout, batches of similar length, read back once at the end.
+        The caller's train/eval mode is restored."""
+        with evaluation_mode(self.model):
+            order = np.argsort(M.sum(-1).max(-1), kind="stable") if not self.cfg.plain else np.arange(len(X))
+            batch_size = self.cfg.batch_size if self.cfg.plain else self.eval_batch
+            lm = self.task.uses_lm(False, self.cfg.lm_coef)
+            outputs = []
+            for idx in iter_data(order, n_batch=batch_size):
+                batch = make_batch(X[idx], M[idx], None, self.clf_token, self.runtime.device,
+                                   self.batch_mode(training=False), lm=lm)
+                with self.autocast():
+                    outputs.append(self.task.outputs(*self.model(batch.X, plan=batch.plan)).float())
+            result = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0,), np.float32)
+            ordered = np.empty_like(result)
+            ordered[order] = result
+            return ordered
+
+    def evaluate(self, X, M, Y):
+        """(mean task loss, {metric: value}) of the labelled examples X, M, Y."""
+        outputs = self.outputs(X, M)
+        cost = self.task.losses(torch.from_numpy(outputs), torch.from_numpy(Y)).mean().item()
+        return cost, self.task.metrics(outputs, Y)

@@ -1,0 +1,104 @@
+"""A task's data ready for training: its splits read, encoded (cached on disk), transformed into
+token sequences (the paper's Figure 1, cut to n_ctx) and laid out as the arrays X and M."""
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import text_utils
+from batches import to_arrays
+from datasets import DataError
+from tasks import Specials, Task, add_specials
+from utils import atomic_write, encode_dataset
+
+
+@dataclass
+class TaskData:
+    """A task's encoded splits as arrays: name -> (X [n, sequences, T, 2], M [n, sequences, T], labels
+    (zeros where a split has none)), in the order the task reads them, and each split as read
+    (titles, labels, submission names)."""
+
+    task: Task
+    splits: dict
+    specials: Specials
+    n_ctx: int
+    read: dict
+
+
+def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=print):
+    """Read, encode (cached), transform (cut to max_ctx) and lay out every split of `task`. n_ctx
+    becomes the longest sequence of any split, at most max_ctx (as the original does). What the
+    readers skipped and how many examples were cut goes to `note`."""
+    read = task.read(data_dir)
+    for split in read.values():
+        for line in split.notes:
+            note(line)
+    encoded = encode_cached([split.texts for split in read.values()], text_encoder, cache_dir)
+    specials = add_specials(text_encoder, task.special_tokens)
+    sequences, n_cut = {}, 0
+    for name, texts in zip(read, encoded):
+        try:
+            sequences[name], cut = task.sequences(texts, specials, max_ctx)
+        except ValueError as err:
+            raise DataError(f"--n_ctx {max_ctx}: {err}") from None
+        n_cut += cut
+    if n_cut:
+        note(f"{n_cut} examples were cut to fit --n_ctx {max_ctx} ({task.cut_rule})")
+    n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), max_ctx)
+    splits = {}
+    for name, split in read.items():
+        labels = split.labels if split.labels is not None else np.zeros(len(sequences[name]), np.int64)
+        splits[name] = (*to_arrays(sequences[name], n_ctx, specials.n_vocab + specials.n_special), labels)
+    return TaskData(task, splits, specials, n_ctx, read)
+
+
+def encode_cached(splits, text_encoder, cache_dir):
+    """`encode_dataset` of the splits, cached on disk under a key made of the texts themselves and
+    the vocabulary files: a change to either encodes again. Stored as flat int arrays (no pickle)."""
+    digest = hashlib.sha256(vocabulary_key(text_encoder).encode())
+    text_fields = []
+    for s, split in enumerate(splits):
+        for k, values in enumerate(split):
+            if len(values) and isinstance(values[0], str):
+                text_fields.append((s, k))
+                digest.update(f"\0{s}/{k}/{len(values)}\0".encode())
+                digest.update("\0".join(values).encode("utf-8", "surrogatepass"))
+    path = os.path.join(cache_dir, f"{digest.hexdigest()[:32]}.npz") if cache_dir else None
+    if path and os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                encoded = [list(split) for split in splits]
+                for s, k in text_fields:
+                    ids, offsets = stored[f"{s}_{k}_ids"], stored[f"{s}_{k}_offsets"]
+                    encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
+                return encoded
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache file is encoded again and rewritten
+    encoded = encode_dataset(*splits, encoder=text_encoder)
+    if path:
+        arrays = {}
+        for s, k in text_fields:
+            seqs = encoded[s][k]
+            arrays[f"{s}_{k}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
+            arrays[f"{s}_{k}_ids"] = np.fromiter((i for x in seqs for i in x), dtype=np.int32)
+        try:
+            atomic_write(path, lambda tmp: _save_npz(arrays, tmp))
+        except OSError as err:  # the cache only saves time: the run goes on without it
+            print(f"warning: could not write the encoding cache {path} ({err.strerror or err}); "
+                  f"encoding again next run", file=sys.stderr)
+    return encoded
+
+
+def vocabulary_key(text_encoder):
+    """What the ids depend on besides the texts: the vocabulary, the merges and the tokenizer code."""
+    with open(text_utils.__file__, "rb") as f:
+        code = hashlib.sha256(f.read()).hexdigest()
+    return f"{text_encoder.fingerprint()}\n{code}"
+
+
+def _save_npz(arrays, path):
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
