@@ -152,10 +152,16 @@ def rocstories(data_dir, n_train=1497, n_valid=374, seed=SEED):
     return train, valid, (teX1, teX2, teX3)
 
 
+def rocstories_test(data_dir):
+    """(stories, endings 1, endings 2, labels or None) of the test file alone."""
+    _require_files(data_dir, [ROC_TEST], ROC_HINT)
+    *texts, labels = _rocstories(os.path.join(data_dir, ROC_TEST), labelled=False)
+    return (*texts, None if labels is None else np.asarray(labels, dtype=np.int32))
+
+
 def rocstories_test_labels(data_dir):
     """Labels of the test file (for analysis); None when the file has no label column."""
-    labels = _rocstories(os.path.join(data_dir, ROC_TEST), labelled=False)[3]
-    return None if labels is None else np.asarray(labels, dtype=np.int32)
+    return rocstories_test(data_dir)[3]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,21 +10,11 @@ its test labels private, so a GLUE test set is only predicted, into the file the
 SNLI, SciTail and RACE publish theirs, so their test accuracy is reported. MNLI has two dev sets:
 'valid' is the matched one, 'valid_mm' the mismatched one (reported, not used for selection).
 
-Input transformations (Figure 1), with the specials `_start_`, `_delimiter_`, `_classify_`:
-    text classification  [start] text [classify]                            1 sequence per example
-    entailment           [start] premise [delimiter] hypothesis [classify]  1 sequence
-    similarity           [start] a [delimiter] b [classify] and [start] b [delimiter] a [classify]
-                         (both orderings; the head adds their classify states)   2 sequences
-    multiple choice      [start] context [delimiter] answer_k [classify]    1 per answer
-                         (RACE: the context is the article followed by the question)
-
-Cut rule. A sequence holds at most max_tokens tokens, specials included (max_tokens is n_ctx, at
-most 512). When an example is longer, every text keeps its first tokens and tokens are taken from
-the end of the example's longest text until the longest sequence of the example fits: the texts
-longer than some length L are cut to L (a few to L + 1, earlier texts first) and shorter texts stay
-whole. So RACE's article is cut first and its question and answers stay whole; an entailment pair
-loses from its longer sentence. All sequences of an example (both orderings, every answer) get the
-same cut. The specials are never cut: every sequence ends in `_classify_`.
+Input transformations (the paper's Figure 1) and the cut rule: docs/tasks.md. In short, every
+sequence is [start] ... [delimiter] ... [classify] (text classification: no delimiter); similarity
+tasks give both orderings, multiple choice one sequence per answer; a long example loses tokens from
+the end of its longest text first, every sequence of an example gets the same cut, and the special
+tokens are never cut (`fit_lengths`).
 """
 
 import glob
@@ -94,15 +84,8 @@ def _correlation(fn, labels, scores):
     return 100.0 * float(fn(labels, scores)[0])
 
 
-def pearson(labels, scores):
-    return _correlation(pearsonr, labels, scores)
-
-
-def spearman(labels, scores):
-    return _correlation(spearmanr, labels, scores)
-
-
-METRICS = {"Accuracy": accuracy, "MCC": mcc, "F1": f1, "Pearson": pearson, "Spearman": spearman}
+METRICS = {"Accuracy": accuracy, "MCC": mcc, "F1": f1, "Pearson": lambda y, s: _correlation(pearsonr, y, s),
+           "Spearman": lambda y, s: _correlation(spearmanr, y, s)}
 ON_SCORES = ("Pearson", "Spearman")  # the others compare predicted classes
 METRIC_KEYS = {"Accuracy": "acc", "MCC": "mcc", "F1": "f1", "Pearson": "pearson", "Spearman": "spearman",
                "Perplexity": "ppl"}  # the log's names: va_acc, tr_f1, va_ppl ...
@@ -192,6 +175,10 @@ class Task:
         """{'train': Split, 'valid': Split (selects the kept parameters), then the report splits}."""
         folder = self.locate(data_dir)
         return {s.key: self.reader(folder, s, self) for s in self.sources}
+
+    def read_split(self, data_dir, key):
+        """One split alone (analysis reads a test split's labels)."""
+        return self.reader(self.locate(data_dir), next(s for s in self.sources if s.key == key), self)
 
     def label_id(self, value, path, where):
         """A label's class index (or score), or a DataError naming the file and line."""
@@ -287,11 +274,24 @@ class Task:
     def metrics(self, outputs, labels):
         """{metric name: value in percent}, in the paper's order; the first selects parameters."""
         logits = self._check_logits(outputs)
-        out = {}
-        for name in self.metric_names:
-            predicted = logits if name in ON_SCORES else self.classes(logits)
-            out[name] = float(METRICS[name](labels, predicted))
-        return out
+        return self._figures(labels, self.classes(logits), logits)
+
+    def metrics_of_predictions(self, rows, labels, path):
+        """The metrics of submitted predictions ((line number, text) of a submission file) against the labels."""
+        if self.label_names is None:
+            bad = next(((n, v) for n, v in rows if not _is_number(v)), None)
+            classes, scores = None, np.array([float(v) for _, v in rows]) if bad is None else None
+        else:
+            bad = next(((n, v) for n, v in rows if v not in self.label_names), None)
+            classes, scores = np.array([self.label_names.index(v) for _, v in rows]) if bad is None else None, None
+        if bad is not None:
+            expected = f"one of {', '.join(self.label_names)}" if self.label_names else "a score"
+            raise DataError(f"{path}, line {bad[0]}: prediction {bad[1]!r} is not {expected}")
+        return self._figures(labels, classes, scores)
+
+    def _figures(self, labels, classes, scores):
+        return {name: float(METRICS[name](labels, scores if name in ON_SCORES else classes))
+                for name in self.metric_names}
 
     def selection_score(self, metrics):
         """The figure that picks the kept parameters, higher is better: the first metric (negated
@@ -305,6 +305,14 @@ class Task:
         if self.label_names is None:
             return [f"{score:.3f}" for score in logits.tolist()]
         return [self.label_names[c] for c in self.classes(logits).tolist()]
+
+    def title_of(self, key):
+        """How reports name the split `key` ("valid": "SST-2 Dev", "MNLI-m Dev" ...)."""
+        return next(s.title for s in self.sources if s.key == key)
+
+    def submissions(self):
+        """(split key, file name) of each split the task submits."""
+        return [(s.key, s.submission) for s in self.sources if s.submission]
 
     def report(self, split, outputs):
         """[(title, metrics)] for a labelled split: its groups first (RACE-m, RACE-h), then all; []
@@ -321,6 +329,14 @@ class Task:
         """Lines like 'SST-2 Dev Accuracy: 91.30', one per metric of each reported part."""
         return [f"{title} {name}: {value:.2f}"
                 for title, values in self.report(split, outputs) for name, value in values.items()]
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def fit_lengths(lengths, n_alternatives, budget):
@@ -363,12 +379,17 @@ class RocStoriesTask(Task):
     n_valid: int = 374
 
     def read(self, data_dir):
-        train, valid, test = datasets.rocstories(data_dir, n_valid=self.n_valid)
-        test_labels = datasets.rocstories_test_labels(data_dir)
-        return {"train": Split(tuple(train[:3]), train[3].astype(np.int64), "ROCStories Train"),
-                "valid": Split(tuple(valid[:3]), valid[3].astype(np.int64), "ROCStories Valid"),
-                "test": Split(tuple(test), None if test_labels is None else test_labels.astype(np.int64),
-                              "ROCStories Test", submission="ROCStories.tsv")}
+        train, valid, _ = datasets.rocstories(data_dir, n_valid=self.n_valid)
+        return {"train": Split(tuple(train[:3]), train[3].astype(np.int64), self.title_of("train")),
+                "valid": Split(tuple(valid[:3]), valid[3].astype(np.int64), self.title_of("valid")),
+                "test": self.read_split(data_dir, "test")}
+
+    def read_split(self, data_dir, key):
+        if key != "test":
+            return self.read(data_dir)[key]
+        *texts, labels = datasets.rocstories_test(data_dir)
+        return Split(tuple(texts), None if labels is None else labels.astype(np.int64), self.title_of("test"),
+                     submission="ROCStories.tsv")
 
     def sequences(self, encoded_texts, specials, max_tokens):
         max_len = max_tokens // 2 - 2
@@ -440,7 +461,11 @@ class LanguageModelTask(Task):
             train, valid = train[:cut], train[cut:]
         if not train or not valid:
             raise DataError(f"{data_dir}: too little text for a training and a validation part")
-        return {"train": Split((train,), None, "LM Train"), "valid": Split((valid,), None, "LM Valid")}
+        return {"train": Split((train,), None, self.title_of("train")),
+                "valid": Split((valid,), None, self.title_of("valid"))}
+
+    def title_of(self, key):
+        return f"{self.title} {key.title()}"
 
     def sequences(self, encoded_texts, specials, max_tokens):
         """Contiguous n_ctx-token pieces of the split's id stream: ([[piece]] per example, 0 cut)."""
@@ -555,7 +580,8 @@ def _declarations():
 
 
 def _rocstories_task():
-    sources = (Source("train", (datasets.ROC_VAL,), "ROCStories Valid"),
+    sources = (Source("train", (datasets.ROC_VAL,), "ROCStories Train"),
+               Source("valid", (datasets.ROC_VAL,), "ROCStories Valid"),
                Source("test", (datasets.ROC_TEST,), "ROCStories Test", labelled=False, submission="ROCStories.tsv"))
     return RocStoriesTask("rocstories", "ROCStories", ".", "choices", "multiple_choice", "cross_entropy", ("0", "1"),
                           ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2)

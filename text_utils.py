@@ -96,12 +96,22 @@ def fast_bpe_model(encoder, bpe_ranks):
     return BPE(vocab=dict(encoder), merges=merges, unk_token=unknown, end_of_word_suffix="</w>")
 
 
+SHIPPED_VOCABULARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")  # OpenAI's two files
+
+
 def _resolve(path, alternative):
-    """`path`, or the Hugging Face-named file beside it when `path` is absent."""
-    if not os.path.exists(path):
-        other = os.path.join(os.path.dirname(path), alternative)
-        if os.path.exists(other):
-            return other
+    """`path`; else the Hugging Face-named file beside it (vocab.json, merges.txt); else, for OpenAI's
+    files named relative to a folder that lacks them (model/encoder_bpe_40000.json from another
+    working folder), the copies that ship with the project in its model/ folder."""
+    if os.path.exists(path):
+        return path
+    other = os.path.join(os.path.dirname(path), alternative)
+    if os.path.exists(other):
+        return other
+    shipped = os.path.join(SHIPPED_VOCABULARY, os.path.basename(path))
+    if not os.path.isabs(path) and os.path.basename(path) in ("encoder_bpe_40000.json", "vocab_40000.bpe") \
+            and os.path.exists(shipped):
+        return shipped
     return path
 
 

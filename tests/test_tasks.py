@@ -611,3 +611,20 @@ def test_the_objective_outputs_and_selection_each_task_declares():
     valid = Split((["a text"],), None, "LM Valid")
     assert language_model.report_lines(valid, np.array([2.0, 4.0])) == [f"LM Valid Perplexity: {np.exp(3.0):.2f}"]
     assert roc.report_lines(Split((["a"],), None, "ROCStories Test"), np.zeros((1, 2))) == []  # no labels
+
+
+@pytest.mark.parametrize("name", ["sst2", "mrpc", "stsb", "mnli", "race"])
+def test_the_metrics_of_a_submission_are_those_of_its_logits(name):
+    """analysis.py scores a submission file: its text values give the figures of the logits they came from."""
+    task, rng = get_task(name), np.random.default_rng(0)
+    n_out = {"sst2": 2, "mnli": 3, "race": 4}.get(name)
+    logits = rng.standard_normal((40, n_out) if n_out else 40).astype(np.float32)
+    labels = rng.uniform(0, 5, 40).astype(np.float32) if name == "stsb" else rng.integers(0, n_out or 2, 40)
+    rows = list(enumerate(task.predictions(logits), 2))
+    expected = task.metrics(logits, labels)
+    got = task.metrics_of_predictions(rows, labels, "sub.tsv")
+    assert got.keys() == expected.keys()
+    for metric in got:  # STS-B's scores are written with 3 decimals
+        assert got[metric] == pytest.approx(expected[metric], abs=0.05 if name == "stsb" else 0)
+    with pytest.raises(DataError, match=r"^sub.tsv, line 3: prediction 'x' is not (one of|a score)"):
+        task.metrics_of_predictions([(2, rows[0][1]), (3, "x")], labels[:2], "sub.tsv")
