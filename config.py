@@ -69,6 +69,8 @@ class RunConfig:
     eval_batch: int | None = _flag(None, "examples per evaluation batch (default: 128 on a GPU, 16 on a CPU)", "io")
     cache_dir: str | None = _flag(None, "where encoded data sets are cached (default: SAVE_DIR/encoded)", "io")
     device: str | None = _flag(None, "cpu, cuda, cuda:1 ... (default: cuda if present)", "io")
+    threads: int | None = _flag(None, "CPU threads (default: OMP_NUM_THREADS, else the cores other programs leave "
+                                      "idle)", "io")
     demo: bool = _flag(False, "run on a built-in synthetic task (no download); its presets: "
                               + ", ".join(f"--{k} {v}" for k, v in DEMO_PRESETS.items() if not isinstance(v, bool)),
                        "io")
@@ -197,6 +199,7 @@ def check(a):
         ("e", a["e"] >= 0, ">= 0"),
         ("max_grad_norm", np.isfinite(a["max_grad_norm"]), "a finite number (<= 0 turns clipping off)"),
         ("micro_batch", a["micro_batch"] is None or a["micro_batch"] >= 1, "at least 1"),
+        ("threads", a["threads"] is None or a["threads"] >= 1, "at least 1"),
         ("stop_after_updates", a["stop_after_updates"] is None or a["stop_after_updates"] >= 1, "at least 1"),
     ] + [(name, 0 <= a[name] < 1, "in [0, 1)") for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop")]
     for name, ok, expected in rules:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from batches import make_batch, resolve_device
-from utils import iter_data
+from utils import idle_cpus, iter_data
 
 
 class RunError(RuntimeError):
@@ -89,6 +89,18 @@ def keep_freed_host_memory():
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters of <malloc.h>
     never = -1  # as the threshold: never trim the heap
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, never))
+
+
+def set_cpu_threads(requested=None):
+    """Threads for a CPU run: as requested (--threads), else as OMP_NUM_THREADS says, else the CPUs
+    other programs leave idle, at most torch's default (the physical cores). More threads than idle
+    CPUs make each update several times slower on a busy machine (the threads wait for each
+    other), so the default follows the load. Returns the number set."""
+    if requested is None and "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    threads = requested or max(1, min(torch.get_num_threads(), idle_cpus()))
+    torch.set_num_threads(threads)
+    return threads
 
 
 class PhaseTimes:

@@ -4,6 +4,7 @@ logits (what maps where, and what cannot be carried over: docs/export.md).
 
     python export_hf.py --model_path save/rocstories/best_params.safetensors --out hf_model/
     python export_hf.py --model_path model/ --out hf_model/        (pre-trained weights, LM only)
+    python export_hf.py --demo --out hf_model/                      (the demo's fine-tune: no download)
 
 A file of train.py records what rebuilds its model and its vocabulary: no size flags. The writing
 itself is weights.save_hf_checkpoint (also importable from here).
@@ -13,6 +14,7 @@ import argparse
 import sys
 
 from checkpoints import load_with_vocabulary
+from synthetic import demo_files
 from text_utils import VocabularyError
 from weights import ExportError, WeightsError, save_hf_checkpoint  # noqa: F401  (the library entry)
 
@@ -33,14 +35,21 @@ def build_parser():
     p.add_argument("--n_head", type=int, default=None, help="heads, for weights that do not record it (default 12)")
     p.add_argument("--special_tokens", nargs="*", default=None, help="names of the special rows, in id order")
     p.add_argument("--lm_only", action="store_true", help="leave out the task head of a fine-tuned checkpoint")
+    p.add_argument("--demo", action="store_true",
+                   help="export the demo's fine-tune (else its random pre-trained weights), written if absent")
+    p.add_argument("--demo_dir", default="demo_run/", help="the demo's folder")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    model_path, encoder_path, bpe_path, n_head = args.model_path, args.encoder_path, args.bpe_path, args.n_head
     try:
-        model, spec, text_encoder = load_with_vocabulary(args.model_path, args.encoder_path, args.bpe_path,
-                                                         head=None if args.lm_only else "auto", n_head=args.n_head,
+        if args.demo:
+            model_path, encoder_path, bpe_path, demo_heads = demo_files(args.demo_dir)
+            n_head = n_head or demo_heads
+        model, spec, text_encoder = load_with_vocabulary(model_path, encoder_path, bpe_path,
+                                                         head=None if args.lm_only else "auto", n_head=n_head,
                                                          n_special=args.n_special)
         save_hf_checkpoint(model, text_encoder, args.out, args.special_tokens or spec.special_tokens or None)
     except (ExportError, WeightsError, VocabularyError) as err:

@@ -12,7 +12,6 @@ train.py records what rebuilds its model and which vocabulary it was trained wit
 """
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from batches import resolve_device
 from checkpoints import load_with_vocabulary
 from model_pytorch import KVCache, body_of
+from synthetic import demo_files
 from text_utils import VocabularyError
 from weights import WeightsError
 
@@ -196,19 +196,6 @@ def build_parser():
     p.add_argument("--demo", action="store_true", help="use the files of `python train.py --demo` (written if absent)")
     p.add_argument("--demo_dir", default="demo_run/", help="the demo's folder")
     return p
-
-
-def demo_files(demo_dir):
-    """(weights, vocabulary, merges, n_head) of the demo: its fine-tune, else its random pre-trained
-    weights; the demo's vocabulary and weights are written first if absent (no training, no download)."""
-    import config
-    from synthetic import write_demo_files
-
-    demo = config.parse(["--demo", "--demo_dir", demo_dir])
-    if not os.path.exists(demo.encoder_path) or not os.path.exists(demo.model_path):
-        write_demo_files(demo)
-    best = demo.best_path
-    return (best if os.path.exists(best) else demo.model_path), demo.encoder_path, demo.bpe_path, demo.model.n_head
 
 
 def stop_token_id(text_encoder, text):

@@ -31,6 +31,18 @@ def write_demo_files(cfg):
         write_openai_weights(cfg.model_path, n_vocab=n_vocab, n_ctx=cfg.n_ctx, n_embd=cfg.model.n_embd,
                              n_layer=cfg.model.n_layer, seed=cfg.seed)
 
+def demo_files(demo_dir):
+    """(weights, vocabulary, merges, n_head) of the demo: its fine-tune, else its random pre-trained
+    weights; the demo's vocabulary and weights are written first if absent (no training, no download)."""
+    import config  # the demo's settings and folders are train.py's --demo presets
+
+    demo = config.parse(["--demo", "--demo_dir", demo_dir])
+    if not os.path.exists(demo.encoder_path) or not os.path.exists(demo.model_path):
+        write_demo_files(demo)
+    best = demo.best_path
+    return (best if os.path.exists(best) else demo.model_path), demo.encoder_path, demo.bpe_path, demo.model.n_head
+
+
 # ------------------------------------------------------------------------------------------------
 # ROCStories: the Story Cloze files
 # ------------------------------------------------------------------------------------------------

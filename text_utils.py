@@ -21,7 +21,7 @@ import ftfy
 from spacy.attrs import ORTH
 from tqdm import tqdm
 
-from utils import read_json, read_text_file
+from utils import idle_cpus, read_json, read_text_file
 
 # docs/reference.md §4 step 2. The TF code wrote its pattern in a non-raw string, so its backslash
 # alternative became a second "+" rule: backslashes are NOT padded. A run of one of these characters:
@@ -128,19 +128,11 @@ def start_method():
 
 
 def default_workers():
-    """Worker processes for large inputs: the CPUs this process may use that other programs leave
-    idle (by the 1-minute load average, less this process's own 1), at most 4. Busy CPUs give a
-    worker no time (Linux's autogroup scheduling shares CPU time between sessions, not processes),
-    so it would only add its cost; beyond 4, gathering the results eats the gain."""
-    try:
-        n_cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n_cpus = os.cpu_count() or 1
-    try:
-        busy = max(0.0, os.getloadavg()[0] - 1)
-    except (AttributeError, OSError):  # no load average (Windows)
-        busy = 0.0
-    return max(1, min(4, round(n_cpus - busy)))
+    """Worker processes for large inputs: the CPUs other programs leave idle (utils.idle_cpus), at
+    most 4. Busy CPUs give a worker no time (Linux's autogroup scheduling shares CPU time between
+    sessions, not processes), so it would only add its cost; beyond 4, gathering the results eats
+    the gain."""
+    return max(1, min(4, idle_cpus()))
 
 
 def contiguous_chunks(texts, n_chunks):

@@ -42,7 +42,7 @@ from checkpoints import (
     save_checkpoint,
 )
 from datasets import DataError
-from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, setup_runtime
+from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, set_cpu_threads, setup_runtime
 from model_pytorch import ModelSpec, build_model
 from synthetic import write_demo_files
 from task_data import load_task_data
@@ -82,7 +82,7 @@ class Run:
         One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
         is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
         self.cfg, self.runtime, self.times = cfg, runtime, times
-        self.progress, self.writer, self.logger = Progress(), BackgroundWriter(), None
+        self.progress, self.writer, self.logger, self.columns_named = Progress(), BackgroundWriter(), None, False
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + runtime.rank)
         self.data_rng = np.random.RandomState(cfg.seed)
@@ -141,6 +141,8 @@ class Run:
                                  ckpt["epoch_rng"])
         restore_rng(ckpt["rng"])
         self.data_rng.set_state(numpy_state(ckpt["rng"]["numpy"]))
+        if runtime.device.type == "cpu" and cfg.threads is None and ckpt.get("threads"):
+            torch.set_num_threads(ckpt["threads"])  # the same threads, the same float sums: the same updates
         ranks = ckpt["rng"].get("ranks")
         if runtime.world > 1 and ranks and len(ranks) == runtime.world:
             restore_rank_generators(ranks[runtime.rank], runtime.device)
@@ -178,6 +180,9 @@ class Run:
         for prefix, metrics in (("tr", tr_metrics), ("va", va_metrics)):
             point.update({f"{prefix}_{METRIC_KEYS[name]}": value for name, value in metrics.items()})
         self.logger.log(**point)
+        if not self.columns_named:  # the printed columns, once: they depend on the task's metrics
+            tqdm.write(" ".join(point))
+            self.columns_named = True
         tqdm.write(" ".join(f"{v:.3f}" if k.endswith("cost") else f"{v:.2f}" if isinstance(v, float) else str(v)
                             for k, v in point.items()))
         score = self.task.selection_score(va_metrics)
@@ -201,7 +206,8 @@ class Run:
             state = dict(model=host_copy(model_state(self.model)), optimizer=host_copy(self.trainer.opt.state_dict()),
                          n_epochs=progress.n_epochs, n_updates=progress.n_updates,
                          update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
-                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log_lines, args=self.cfg.flags())
+                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log_lines, args=self.cfg.flags(),
+                         threads=torch.get_num_threads())
             self.writer.submit(save_checkpoint, state, self.cfg.checkpoint_path, self.spec)
 
     # -- training ---------------------------------------------------------------------------------
@@ -359,6 +365,8 @@ def main(argv=None):
         if cfg.demo:
             write_demo_files(cfg)
         runtime = setup_runtime(cfg.device, cfg.n_gpu)
+        if runtime.device.type == "cpu":
+            set_cpu_threads(cfg.threads)
         return run(cfg, runtime, t_start)
     except ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

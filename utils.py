@@ -22,6 +22,20 @@ def make_path(f):
     return f
 
 
+def idle_cpus():
+    """The CPUs this process may use that other programs leave idle, by the 1-minute load average
+    less this process's own 1 (at least 1)."""
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpus = os.cpu_count() or 1
+    try:
+        busy = max(0.0, os.getloadavg()[0] - 1)
+    except (AttributeError, OSError):  # no load average (Windows)
+        busy = 0.0
+    return max(1, round(n_cpus - busy))
+
+
 def decode_utf8(data, path, error=ValueError):
     """The text of UTF-8 bytes read from `path` (a byte-order mark dropped, line ends kept); a byte
     that is not UTF-8 raises `error` naming its line and column."""

@@ -12,6 +12,10 @@ import torch
 from model_pytorch import GPTConfig, TransformerModel
 from weights import load_openai_pretrained_model, random_openai_arrays, write_hf_weights, write_openai_weights
 
+# One CPU thread count for the whole session and the processes it starts: train.py's default follows
+# the machine's load, and runs compared bit for bit must sum their floats with the same threads.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 ROOT = Path(__file__).resolve().parents[1]
 OPENAI_GPT = ROOT / "model"  # OpenAI's BPE vocabulary is shipped here (model/README.md)
 TEST_DATA = ROOT / "tests" / "data"

@@ -243,3 +243,19 @@ def test_freed_host_memory_is_reused_without_page_faults(tmp_path):
     assert results["default"][1] > 5 * 10_000  # about 16,384 faults per block
     assert results["keep"][1] < 1_000
     assert engine.keep_freed_host_memory.__doc__
+
+
+def test_cpu_threads_follow_the_flag_the_environment_then_the_idle_cores(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert engine.set_cpu_threads(None) == before  # the environment's choice stands
+        assert engine.set_cpu_threads(1) == 1 and torch.get_num_threads() == 1  # --threads wins
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(engine, "idle_cpus", lambda: 1)  # a busy machine: one thread
+        assert engine.set_cpu_threads(None) == 1
+        monkeypatch.setattr(engine, "idle_cpus", lambda: 64)  # idle: at most torch's default (the cores)
+        torch.set_num_threads(before)
+        assert engine.set_cpu_threads(None) == before
+    finally:
+        torch.set_num_threads(before)

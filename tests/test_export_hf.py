@@ -219,3 +219,12 @@ def test_vocabulary_of_another_model_is_a_clear_error(vocab, tmp_path):
 def test_missing_export_folder_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         model_from_pretrained(str(tmp_path / "nothing"))
+
+
+def test_the_demo_exports_without_a_download(tmp_path, capsys):
+    """Before the demo has run: its vocabulary and random pre-trained weights are written, and the
+    language model is exported."""
+    assert export_hf.main(["--demo", "--demo_dir", str(tmp_path / "demo"), "--out", str(tmp_path / "hf")]) == 0
+    assert "as Hugging Face OpenAIGPTLMHeadModel" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "model" / "params_shapes.json").exists()
+    load_hf("OpenAIGPTLMHeadModel", tmp_path / "hf")
