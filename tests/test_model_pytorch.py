@@ -3,10 +3,6 @@ and the spec that rebuilds a model (docs/reference.md §2)."""
 
 import argparse
 import json
-import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +13,6 @@ import model_pytorch as mp
 from batches import BatchPlan, PaddingLayout
 from conftest import (
     N_SPECIAL,
-    ROOT,
     TINY,
     TINY_HEADS,
     load_tiny,
@@ -341,20 +336,6 @@ def test_lm_model_probs_never_predict_positions():
     assert probs.shape == (2, 5, 79)
     assert (probs[..., -16:] == 0).all()  # exp(-1e12) underflows to exactly 0
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5), rtol=0, atol=1e-6)  # measured 1.2e-07
-
-
-# ----------------------------------------------------------------------------- README
-
-@pytest.mark.slow
-def test_readme_usage_snippet_runs_as_written(full_size_weights, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"<!-- usage -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    os.symlink(full_size_weights[1], tmp_path / "model")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "torch.Size([1, 5, 768])" in result.stdout
 
 
 def test_a_spec_rebuilds_its_model():
