@@ -63,7 +63,9 @@ class RunConfig:
     model_path: str = _flag("model/", "pre-trained weights: OpenAI's shards or a Hugging Face folder", "io")
     encoder_path: str = _flag("model/encoder_bpe_40000.json", "the BPE vocabulary (ids)", "io")
     bpe_path: str = _flag("model/vocab_40000.bpe", "the BPE merges", "io")
-    submit: bool = _flag(False, "keep the best validation parameters and predict the test set", "io")
+    submit: bool = _flag(False, "keep the best validation parameters (SAVE_DIR/DESC/best_params.safetensors) and "
+                                "predict the test sets the task submits into SUBMISSION_DIR (GLUE's, ROCStories'; "
+                                "docs/tasks.md)", "io")
     analysis: bool = _flag(False, "print each labelled split's figures at the end", "io")
     resume: bool = _flag(False, "continue from SAVE_DIR/DESC/checkpoint.pt", "io")
     eval_batch: int | None = _flag(None, "examples per evaluation batch (default: 128 on a GPU, 16 on a CPU)", "io")

@@ -3,7 +3,7 @@
 
     python train.py --dataset rocstories --desc rocstories --submit --analysis --data_dir DIR
     torchrun --nproc_per_node=4 train.py ... (same flags; the same updates)
-    python train.py --demo        (everything built in: no download; about 40 s on a 2-core CPU)
+    python train.py --demo        (everything built in: no download; about a minute on a 2-core CPU)
 
 This file orchestrates: the flags are config.py's, the task's declaration tasks.py's, the data
 task_data.py's, the update and evaluation engine.py's, the files checkpoints.py's.
@@ -155,14 +155,13 @@ class Run:
         return ckpt
 
     def start_log(self, ckpt):
-        """Rank 0's log (continued on resume), the first best parameters, and the run's summary line."""
+        """Rank 0's log (continued on resume) and the run's summary line. (The best parameters are
+        written at the first evaluation: a run stopped before it leaves none that were never chosen.)"""
         cfg, data = self.cfg, self.data
         if ckpt:
             self.logger = ResultLogger.reopen(cfg.log_path, keep_lines=ckpt["log_lines"])
         else:
             self.logger = ResultLogger(cfg.log_path, **cfg.flags())
-        if cfg.submit and not os.path.exists(cfg.best_path):
-            save_best_params(host_copy(model_state(self.model)), cfg.best_path, self.spec, cfg.flags())
         sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
         tqdm.write(f"{self.task.title}: {sizes} examples; n_ctx {data.n_ctx}; {self.n_updates_total} updates "
                    f"of {cfg.batch_size} on {self.runtime.device}"

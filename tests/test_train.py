@@ -239,9 +239,18 @@ def test_n_ctx_too_large_for_the_position_table_names_the_task_cut_rule(tmp_path
                          r"examples are cut by the rule in docs/tasks.md\)$", capsys)
 
 
-def test_non_finite_loss_stops_and_keeps_the_best_checkpoint(setup, tmp_path, capsys):
+def test_non_finite_loss_stops_the_run_before_any_parameters_are_kept(setup, tmp_path, capsys):
     argv = arguments(setup, tmp_path, "--submit", "--lr", "1e30", "--max_grad_norm", "0")
     expect_failure(argv, r"the training loss became (nan|inf) at update \d+; the run is stopped", capsys)
+    assert not (tmp_path / "save" / "run" / "best_params.safetensors").exists()  # none was ever evaluated
+
+
+def test_no_best_parameters_before_the_first_evaluation(setup, tmp_path):
+    """A run stopped before its first evaluation leaves no "best" parameters (untrained ones were written
+    at the start, and generate.py and export_hf.py used them without a word)."""
+    assert train.main(arguments(setup, tmp_path, "--submit", "--stop_after_updates", "2")) == 130
+    assert not (tmp_path / "save" / "run" / "best_params.safetensors").exists()
+    assert train.main(arguments(setup, tmp_path, "--submit", "--resume")) == 0
     assert (tmp_path / "save" / "run" / "best_params.safetensors").exists()
 
 
