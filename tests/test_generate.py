@@ -331,4 +331,5 @@ def test_model_pytorch_still_offers_generate(model):
     import model_pytorch
 
     kw = dict(max_new_tokens=6, greedy=True)
-    assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == generate(model, PROMPTS, N_VOCAB, **kw).tokens
+    expected = generate(model, PROMPTS, N_VOCAB, **kw).tokens
+    assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == expected
