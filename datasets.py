@@ -197,7 +197,9 @@ class Columns:
 @dataclass(frozen=True)
 class Source:
     """One split's files (relative to the task's folder; RACE: glob patterns), its report title,
-    whether it has labels and, for a GLUE test set, the submission file name."""
+    whether it has labels and, for a GLUE test set, the submission file name. An optional source is
+    read where its files are present and skipped where they are not; optional sources sharing a key
+    are alternatives (other places or layouts of one file), the first present one read."""
 
     key: str
     files: tuple
@@ -205,6 +207,7 @@ class Source:
     labelled: bool = True
     submission: str | None = None
     columns: Columns | None = None
+    optional: bool = False
 
 
 # The readers below take the task for what only it knows: label_id (a label's class or score, or an

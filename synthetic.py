@@ -240,6 +240,11 @@ def _write_mnli(rng, folder, sizes):
             rows.append([i, rng.randrange(10**5), f"{rng.randrange(10**5)}e", genre, _parse(s1), _parse(s2),
                          _parse(s1), _parse(s2), s1, s2, *labels])
         _write_lines(os.path.join(folder, name), rows)
+    # GLUE's diagnostic set (predicted into AX.tsv): index, sentence1, sentence2; as many pairs as a test set
+    rows = [["index", "sentence1", "sentence2"]]
+    for i, y in enumerate(_labels(rng, sizes["test"], 3)):
+        rows.append([i, *_nli_pair(rng, y, _CUES["nli"], quote=i % 7 == 0)])
+    _write_lines(os.path.join(folder, "diagnostic", "diagnostic.tsv"), rows)
 
 
 def _pair_glue(columns, label_names, cues):
@@ -324,7 +329,8 @@ def write_synthetic(task_name, folder, n_train, n_dev, n_test, seed=0):
     quirks, under folder; return the task's folder (folder/SST-2, folder/snli_1.0 ...).
 
     A label-bearing word decides each label, so a tiny model learns it in a few epochs. Reading it
-    gives n_train, n_dev and n_test examples per split (MNLI: n_dev per dev set, n_test per test set):
+    gives n_train, n_dev and n_test examples per split (MNLI: n_dev per dev set, n_test per test set and in
+    its diagnostic set):
     the quirky extra rows (QQP's malformed rows, SNLI's '-' pairs) are on top of those.
     """
     task = get_task(task_name)

@@ -130,10 +130,10 @@ class Task:
         listing every file as missing from the parent would hide the one that is.
         """
         candidates = [data_dir, os.path.join(data_dir, self.folder)]
-        expected = [f for s in self.sources for f in s.files]
+        expected = [f for s in self.sources if not s.optional for f in s.files]
 
         def lacks(folder):
-            return [f for f in expected if not glob.glob(os.path.join(glob.escape(folder), f))]
+            return _absent(folder, expected)
 
         for folder in candidates:
             if not lacks(folder):
@@ -152,9 +152,13 @@ class Task:
                         f"{self.obtain}")
 
     def read(self, data_dir):
-        """{'train': Split, 'valid': Split (selects the kept parameters), then the report splits}."""
-        folder = self.locate(data_dir)
-        return {s.key: self.reader(folder, s, self) for s in self.sources}
+        """{'train': Split, 'valid': Split (selects the kept parameters), then the report splits}; an
+        optional split where its files are present (MNLI's diagnostic set)."""
+        folder, splits = self.locate(data_dir), {}
+        for s in self.sources:
+            if s.key not in splits and not (s.optional and _absent(folder, s.files)):
+                splits[s.key] = self.reader(folder, s, self)
+        return splits
 
     def label_id(self, value, path, where):
         """A label's class index (or score), or a DataError naming the file and line."""
@@ -284,6 +288,11 @@ class Task:
         """Lines like 'SST-2 Dev Accuracy: 91.30', one per metric of each reported part."""
         return [f"{title} {name}: {value:.2f}"
                 for title, values in self.report(split, outputs) for name, value in values.items()]
+
+
+def _absent(folder, files):
+    """The files (glob patterns) of `files` that `folder` lacks."""
+    return [f for f in files if not glob.glob(os.path.join(glob.escape(folder), f))]
 
 
 def fit_lengths(lengths, n_alternatives, budget):
@@ -465,8 +474,16 @@ def _mnli_task():
                Source("valid_mm", ("dev_mismatched.tsv",), "MNLI-mm Dev", columns=labelled),
                Source("test", ("test_matched.tsv",), "MNLI-m Test", False, "MNLI-m.tsv", test),
                Source("test_mm", ("test_mismatched.tsv",), "MNLI-mm Test", False, "MNLI-mm.tsv", test))
-    return Task("mnli", "MNLI", "MNLI", "pair", "inference", "cross_entropy", NLI, ("Accuracy",), sources,
-                read_tsv_split, GLUE_OBTAIN)
+    # GLUE's diagnostic set, predicted into AX.tsv where present: diagnostic.tsv (index, sentence1, sentence2) in
+    # diagnostic/ inside the folder, in the folder, or in diagnostic/ beside it (GLUE's download script), else
+    # diagnostic-full.tsv (Premise, Hypothesis, the annotations; rows numbered from 0 as diagnostic.tsv numbers them)
+    full = Columns(("Premise", "Hypothesis"))
+    diagnostic = tuple(Source("diagnostic", (path,), "AX Diagnostic", False, "AX.tsv", columns, optional=True)
+                       for path, columns in (("diagnostic/diagnostic.tsv", test), ("diagnostic.tsv", test),
+                                             ("../diagnostic/diagnostic.tsv", test), ("diagnostic-full.tsv", full),
+                                             ("diagnostic/diagnostic-full.tsv", full)))
+    return Task("mnli", "MNLI", "MNLI", "pair", "inference", "cross_entropy", NLI, ("Accuracy",),
+                sources + diagnostic, read_tsv_split, GLUE_OBTAIN)
 
 
 def _snli_task():

@@ -41,13 +41,15 @@ GLUE = {
              | {"test.tsv": (("sentence1", "sentence2"), None, "index")}),
     "mnli": ("MNLI", {f: (("sentence1", "sentence2"), "gold_label", None)
                       for f in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv")}
-             | {f: (("sentence1", "sentence2"), None, "index") for f in ("test_matched.tsv", "test_mismatched.tsv")}),
+             | {f: (("sentence1", "sentence2"), None, "index") for f in ("test_matched.tsv", "test_mismatched.tsv",
+                                                                           "diagnostic/diagnostic.tsv")}),
     "qnli": ("QNLI", {f: (("question", "sentence"), "label", None) for f in ("train.tsv", "dev.tsv")}
              | {"test.tsv": (("question", "sentence"), None, "index")}),
     "rte": ("RTE", {f: (("sentence1", "sentence2"), "label", None) for f in ("train.tsv", "dev.tsv")}
             | {"test.tsv": (("sentence1", "sentence2"), None, "index")}),
 }
-KEYS = {"mnli": ["train", "valid", "valid_mm", "test", "test_mm"]}
+KEYS = {"mnli": ["train", "valid", "valid_mm", "test", "test_mm", "diagnostic"]}
+SUBMISSIONS = {"AX Diagnostic": "AX.tsv"}  # GLUE's diagnostic set, predicted by the MNLI model
 
 
 def naive_tsv(path, texts, label, index, n_columns=None):
@@ -91,21 +93,22 @@ def test_glue_folders_read_as_distributed(synthetic, name):
         assert [list(t) for t in split.texts] == want_texts
         if label is None:  # a GLUE test set: predicted, into the server's file
             assert split.labels is None and split.index == want_index
-            assert split.submission == split.title.replace(" Test", "") + ".tsv"
+            assert split.submission == SUBMISSIONS.get(split.title, split.title.replace(" Test", "") + ".tsv")
         elif task.label_names is None:
             np.testing.assert_allclose(split.labels, np.array(want_labels, dtype=np.float32))
         else:
             assert [task.label_names[y] for y in split.labels] == [w.strip() for w in want_labels]
             assert split.labels.dtype == np.int64 and split.submission is None
     sizes = [len(s) for s in splits.values()]
-    assert sizes == ([N_TRAIN, N_DEV, N_DEV, N_TEST, N_TEST] if name == "mnli" else [N_TRAIN, N_DEV, N_TEST])
+    assert sizes == ([N_TRAIN, N_DEV, N_DEV, N_TEST, N_TEST, N_TEST] if name == "mnli" else [N_TRAIN, N_DEV, N_TEST])
 
 
 def test_split_titles_and_submission_names(synthetic):
     titles = {name: [(s.title, s.submission) for s in get_task(name).read(path).values()]
               for name, path in synthetic[1].items() if name != "rocstories"}
     assert titles["mnli"] == [("MNLI Train", None), ("MNLI-m Dev", None), ("MNLI-mm Dev", None),
-                              ("MNLI-m Test", "MNLI-m.tsv"), ("MNLI-mm Test", "MNLI-mm.tsv")]
+                              ("MNLI-m Test", "MNLI-m.tsv"), ("MNLI-mm Test", "MNLI-mm.tsv"),
+                              ("AX Diagnostic", "AX.tsv")]
     assert titles["sst2"][1:] == [("SST-2 Dev", None), ("SST-2 Test", "SST-2.tsv")]
     assert titles["stsb"][2] == ("STS-B Test", "STS-B.tsv")
     assert titles["snli"][1:] == [("SNLI Dev", None), ("SNLI Test", None)]
@@ -188,6 +191,48 @@ def test_race_json_folders_one_example_per_question(synthetic):
             assert got == expected[level], title
         assert len(split) == sum(len(v) for v in expected.values())
     assert [len(splits[k]) for k in ("train", "valid", "test")] == [N_TRAIN, N_DEV, N_TEST]
+
+
+# ------------------------------------------------------------------------------------------------
+# GLUE's diagnostic set (AX), an optional split of MNLI
+# ------------------------------------------------------------------------------------------------
+
+def write_diagnostic_full(path, pairs):
+    """GLUE's diagnostic-full.tsv: the annotation columns, Premise, Hypothesis, Label."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    header = ["Lexical Semantics", "Predicate-Argument Structure", "Logic", "Knowledge", "Domain", "Premise",
+              "Hypothesis", "Label"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines("\t".join(row) + "\n" for row in
+                     [header] + [["", "Negation" if i % 2 else "", "", "", "ACL", p, h, "neutral"]
+                                 for i, (p, h) in enumerate(pairs)])
+
+
+def test_mnli_diagnostic_is_read_where_glue_puts_it_and_is_optional(tmp_path):
+    folder = copy_folder("mnli", tmp_path)  # tmp_path/MNLI/diagnostic/diagnostic.tsv, as GLUE's MNLI download
+    inside = os.path.join(folder, "diagnostic", "diagnostic.tsv")
+    texts, _, index = naive_tsv(inside, ("sentence1", "sentence2"), None, "index")
+    split = get_task("mnli").read(folder)["diagnostic"]
+    assert [list(t) for t in split.texts] == texts and split.index == index and split.labels is None
+    assert split.submission == "AX.tsv"
+    beside = tmp_path / "diagnostic" / "diagnostic.tsv"  # GLUE's download script: glue_data/diagnostic/ beside MNLI/
+    os.makedirs(beside.parent)
+    os.replace(inside, beside)
+    for data_dir in (folder, str(tmp_path)):
+        assert get_task("mnli").read(data_dir)["diagnostic"].index == index
+    os.remove(beside)
+    assert "diagnostic" not in get_task("mnli").read(folder)  # absent: no split, no error
+    pairs = [("A man sleeps .", "Nobody sleeps ."), ('"Quoted premise .', "A hypothesis .")]
+    write_diagnostic_full(os.path.join(folder, "diagnostic-full.tsv"), pairs)
+    split = get_task("mnli").read(folder)["diagnostic"]
+    assert list(zip(*split.texts)) == pairs and split.index is None  # numbered from 0 when submitted
+    with open(os.path.join(folder, "diagnostic.tsv"), "w", encoding="utf-8") as f:  # diagnostic.tsv comes first
+        f.write("index\tsentence1\tsentence2\n7\tOne .\tTwo .\n")
+    assert get_task("mnli").read(folder)["diagnostic"].index == ["7"]
+    with open(os.path.join(folder, "diagnostic.tsv"), "w", encoding="utf-8") as f:  # present but wrong: an error
+        f.write("index\tsentence1\n7\tOne .\n")
+    with pytest.raises(DataError, match=r"diagnostic.tsv, line 1: the header lacks column\(s\) 'sentence2'"):
+        get_task("mnli").read(folder)
 
 
 def test_parent_folder_is_accepted(synthetic):
