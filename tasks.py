@@ -110,6 +110,7 @@ class Task:
     n_choices: int = 1         # answers per example (multiple choice)
     skip_malformed: bool = False  # QQP: rows with the wrong number of columns are skipped, and counted
     score_range: tuple | None = None  # STS-B: the allowed scores
+    text_fields: tuple = ()    # an example's texts by name, as `sequences` takes them: a file of new inputs
 
     def __post_init__(self):
         if self.form not in FORMS or (self.loss is not None and self.loss not in TASK_LOSSES):
@@ -159,6 +160,18 @@ class Task:
             if s.key not in splits and not (s.optional and _absent(folder, s.files)):
                 splits[s.key] = self.reader(folder, s, self)
         return splits
+
+    def read_file(self, path):
+        """New inputs from one file in a format of the task's own files (its test split's tried first):
+        a Split, its labels (where the file has them) not needed. The error names each format's problem."""
+        folder, name = os.path.split(os.path.abspath(path))
+        problems = []
+        for source in sorted(self.sources, key=lambda s: s.labelled):
+            try:
+                return self.reader(folder, replace(source, files=(name,), optional=False), self)
+            except DataError as err:
+                problems.append(str(err).replace(f"{os.path.join(folder, name)}, ", ""))
+        raise DataError(f"{path}: not in a format of {self.title}'s files ({'; '.join(dict.fromkeys(problems))})")
 
     def label_id(self, value, path, where):
         """A label's class index (or score), or a DataError naming the file and line."""
@@ -266,6 +279,16 @@ class Task:
         name = self.metric_names[0]
         return -metrics[name] if name in LOWER_IS_BETTER else metrics[name]
 
+    def probabilities(self, outputs):
+        """Class probabilities [n, classes] in label_names order (None for a score): the softmax of the
+        logits; for one binary logit (MRPC, QQP) its sigmoid, class 1's, and the complement."""
+        logits = torch.from_numpy(self._check_logits(outputs)).double()
+        if self.label_names is None:
+            return None
+        if self.loss == "binary_cross_entropy":
+            return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], 1).numpy()
+        return torch.softmax(logits, -1).numpy()
+
     def predictions(self, outputs):
         """Submission values: label names (GLUE's 0/1 where its labels are digits), STS-B a score."""
         logits = self._check_logits(outputs)
@@ -341,6 +364,10 @@ class RocStoriesTask(Task):
                 "valid": Split(tuple(valid[:3]), valid[3].astype(np.int64), "ROCStories Valid"),
                 "test": Split(tuple(test), None if test_labels is None else test_labels.astype(np.int64),
                               "ROCStories Test", submission="ROCStories.tsv")}
+
+    def read_file(self, path):
+        """New inputs from one Story Cloze CSV file (labelled or not)."""
+        return Split(tuple(datasets.read_story_cloze(path)), None, "ROCStories")
 
     def sequences(self, encoded_texts, specials, max_tokens):
         max_len = max_tokens // 2 - 2
@@ -463,7 +490,8 @@ def _glue(name, title, form, head, loss, labels, metrics, texts, label, index="i
     sources = (Source("train", ("train.tsv",), f"{title} Train", columns=labelled),
                Source("valid", ("dev.tsv",), f"{title} Dev", columns=labelled),
                Source("test", ("test.tsv",), f"{title} Test", labelled=False, submission=f"{title}.tsv", columns=test))
-    return Task(name, title, title, form, head, loss, labels, metrics, sources, read_tsv_split, GLUE_OBTAIN, **extra)
+    return Task(name, title, title, form, head, loss, labels, metrics, sources, read_tsv_split, GLUE_OBTAIN,
+                text_fields=test.texts, **extra)
 
 
 def _mnli_task():
@@ -483,14 +511,15 @@ def _mnli_task():
                                              ("../diagnostic/diagnostic.tsv", test), ("diagnostic-full.tsv", full),
                                              ("diagnostic/diagnostic-full.tsv", full)))
     return Task("mnli", "MNLI", "MNLI", "pair", "inference", "cross_entropy", NLI, ("Accuracy",),
-                sources + diagnostic, read_tsv_split, GLUE_OBTAIN)
+                sources + diagnostic, read_tsv_split, GLUE_OBTAIN, text_fields=texts)
 
 
 def _snli_task():
     sources = tuple(Source(key, (f"snli_1.0_{part}.jsonl",), f"SNLI {part.title()}")
                     for key, part in (("train", "train"), ("valid", "dev"), ("test", "test")))
     return Task("snli", "SNLI", "snli_1.0", "pair", "inference", "cross_entropy", NLI, ("Accuracy",), sources,
-                read_snli, "SNLI 1.0 is obtained from https://nlp.stanford.edu/projects/snli/ (snli_1.0.zip).")
+                read_snli, "SNLI 1.0 is obtained from https://nlp.stanford.edu/projects/snli/ (snli_1.0.zip).",
+                text_fields=("sentence1", "sentence2"))
 
 
 def _scitail_task():
@@ -499,7 +528,8 @@ def _scitail_task():
                     for key, part in (("train", "train"), ("valid", "dev"), ("test", "test")))
     return Task("scitail", "SciTail", "SciTailV1.1", "pair", ("classification", 2), "cross_entropy",
                 ("entails", "neutral"), ("Accuracy",), sources, read_tsv_split,
-                "SciTail 1.1 is obtained from https://allenai.org/data/scitail (SciTailV1.1.zip).")
+                "SciTail 1.1 is obtained from https://allenai.org/data/scitail (SciTailV1.1.zip).",
+                text_fields=("premise", "hypothesis"))
 
 
 def _race_task():
@@ -508,7 +538,7 @@ def _race_task():
     return Task("race", "RACE", "RACE", "choices", "multiple_choice", "cross_entropy", ("A", "B", "C", "D"),
                 ("Accuracy",), sources, read_race,
                 "RACE is obtained from https://www.cs.cmu.edu/~glai1/data/race/ (non-commercial research use only).",
-                n_choices=4)
+                n_choices=4, text_fields=("article", "question", "A", "B", "C", "D"))
 
 
 def _declarations():
@@ -538,7 +568,8 @@ def _rocstories_task():
     sources = (Source("train", (datasets.ROC_VAL,), "ROCStories Valid"),
                Source("test", (datasets.ROC_TEST,), "ROCStories Test", labelled=False, submission="ROCStories.tsv"))
     return RocStoriesTask("rocstories", "ROCStories", ".", "choices", "multiple_choice", "cross_entropy", ("0", "1"),
-                          ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2)
+                          ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2,
+                          text_fields=("story", "ending1", "ending2"))
 
 
 LANGUAGE_MODEL = LanguageModelTask()

@@ -235,6 +235,64 @@ def test_mnli_diagnostic_is_read_where_glue_puts_it_and_is_optional(tmp_path):
         get_task("mnli").read(folder)
 
 
+# ------------------------------------------------------------------------------------------------
+# New inputs: the text fields, one file in a task's own format
+# ------------------------------------------------------------------------------------------------
+
+def test_text_fields_are_the_texts_each_task_reads(synthetic):
+    for name, task in tasks.TASKS.items():
+        splits = task.read(synthetic[1][name]) if name != "rocstories" else None
+        n_texts = 3 if name == "rocstories" else len(splits["train"].texts)
+        assert len(task.text_fields) == n_texts == len(set(task.text_fields)), name
+    for name, (_, layout) in GLUE.items():  # GLUE's: the test file's column names
+        assert get_task(name).text_fields == layout["test.tsv" if name != "mnli" else "test_matched.tsv"][0]
+    assert get_task("race").text_fields == ("article", "question", "A", "B", "C", "D")
+    assert get_task("snli").text_fields == ("sentence1", "sentence2")
+
+
+def own_files(folder, name):
+    """Files of a task's folder in each of its formats."""
+    if name == "rocstories":
+        return [os.path.join(folder, "cloze_test_test__spring2016 - cloze_test_ALL_test.csv")]
+    if name == "scitail":
+        return [os.path.join(folder, "tsv_format", "scitail_1.0_test.tsv")]
+    if name == "snli":
+        return [os.path.join(folder, "snli_1.0_test.jsonl")]
+    if name == "race":
+        return [sorted(glob.glob(os.path.join(folder, "test", "high", "*.txt")))[0]]
+    return [os.path.join(folder, f) for f in GLUE[name][1] if not f.startswith("diagnostic")]
+
+
+@pytest.mark.parametrize("name", [n for n in tasks.TASKS if n != "snli"])  # SNLI's JSON lines: predict.py's reader
+def test_read_file_reads_each_of_the_tasks_own_files(synthetic, name):
+    task, folder = get_task(name), synthetic[1][name]
+    for path in own_files(folder, name):
+        got = task.read_file(path)
+        if name == "rocstories":
+            with open(path, encoding="utf-8") as f:
+                rows = list(csv.reader(f))[1:]
+            expected = [[" ".join(r[1:5]) for r in rows], [r[5] for r in rows], [r[6] for r in rows]]
+        elif name == "race":
+            doc = json.load(open(path, encoding="utf-8"))
+            expected = [[doc["article"].strip()] * len(doc["questions"]), doc["questions"],
+                        *([o[k] for o in doc["options"]] for k in range(4))]
+        elif name == "scitail":
+            expected = naive_tsv(path, (0, 1), 2, None, n_columns=3)[0]
+        else:
+            texts, label, index = GLUE[name][1][os.path.basename(path)]
+            expected = naive_tsv(path, texts, label, index, 4 if isinstance(texts[0], int) else None)[0]
+        assert [list(t) for t in got.texts] == [list(t) for t in expected], path
+
+
+def test_read_file_names_each_formats_problem(tmp_path):
+    path = tmp_path / "new.tsv"
+    path.write_text("text\nA fine film .\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"new.tsv: not in a format of SST-2's files \(line 1: the header lacks "
+                                        r"column\(s\) 'sentence', 'index'; found \['text'\]; line 1: the header "
+                                        r"lacks column\(s\) 'sentence', 'label'; found \['text'\]\)$"):
+        get_task("sst2").read_file(str(path))
+
+
 def test_parent_folder_is_accepted(synthetic):
     root, folders = synthetic
     for name in ("sst2", "mnli", "snli", "scitail", "race"):
@@ -554,6 +612,23 @@ def test_predictions_are_what_glue_wants():
     assert get_task("qqp").predictions(np.array([0.2, -0.1])) == ["1", "0"]
     assert get_task("stsb").predictions(np.array([3.14159, -0.5])) == ["3.142", "-0.500"]
     assert get_task("race").predictions(np.array([[0, 0, 3, 1]])) == ["C"]
+
+
+def test_probabilities_against_their_formulas():
+    rng = np.random.default_rng(1)
+    three = rng.normal(size=(5, 3))
+    softmax = np.exp(three) / np.exp(three).sum(1, keepdims=True)
+    np.testing.assert_allclose(get_task("mnli").probabilities(three), softmax, rtol=1e-12)
+    one = rng.normal(size=5)  # MRPC, QQP: one logit, class 1's
+    np.testing.assert_allclose(get_task("mrpc").probabilities(one),
+                               np.stack([1 / (1 + np.exp(one)), 1 / (1 + np.exp(-one))], 1), rtol=1e-12)
+    four = rng.normal(size=(5, 4))  # RACE: over the answers
+    np.testing.assert_allclose(get_task("race").probabilities(four), np.exp(four) / np.exp(four).sum(1, keepdims=True),
+                               rtol=1e-12)
+    assert get_task("stsb").probabilities(one) is None
+    for name, logits in (("mnli", three), ("qqp", one), ("race", four)):
+        task = get_task(name)
+        assert [task.label_names[i] for i in task.probabilities(logits).argmax(1)] == task.predictions(logits)
 
 
 def test_race_report_gives_middle_high_and_all(synthetic):
