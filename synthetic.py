@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 
 from datasets import ROC_HEADER, ROC_TEST, ROC_VAL, rocstories
-from tasks import ENTAILMENT, NLI, get_task
+from tasks import BINARY, ENTAILMENT, NLI, get_task
 from text_utils import TextEncoder, learn_bpe
 from weights import write_openai_weights
 
@@ -322,6 +322,15 @@ _WRITERS = {"rocstories": _write_rocstories,
             "qnli": _pair_glue(("question", "sentence"), ENTAILMENT, _CUES["binary_nli"]),
             "rte": _pair_glue(("sentence1", "sentence2"), ENTAILMENT, _CUES["binary_nli"]),
             "snli": _write_snli, "scitail": _write_scitail, "race": _write_race}
+
+
+def write_synthetic_wnli(folder, n_train, n_dev, n_test, seed=0):
+    """GLUE's WNLI folder under folder (train.tsv, dev.tsv, test.tsv in its layout; labels 0/1); return it.
+    No task here trains on WNLI: its test file gives a GLUE submission's WNLI indices."""
+    path = os.path.join(folder, "WNLI")
+    write = _pair_glue(("sentence1", "sentence2"), BINARY, _CUES["binary_nli"])
+    write(random.Random(seed), path, {"train": n_train, "dev": n_dev, "test": n_test})
+    return path
 
 
 def write_synthetic(task_name, folder, n_train, n_dev, n_test, seed=0):
