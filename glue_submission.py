@@ -142,10 +142,10 @@ def _write_zip(path, members):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Assemble GLUE's submission zip from a folder of --submit predictions.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Assemble GLUE's submission zip from a folder of --submit predictions.")
     p.add_argument("--submission_dir", default="submission/",
-                   help="the folder the GLUE runs' --submit wrote into (train.py's --submission_dir)")
+                   help="the folder the GLUE runs' --submit wrote into (train.py's --submission_dir; default: "
+                        "submission/)")
     p.add_argument("--glue_dir", default=None,
                    help="the GLUE data folder (holding WNLI/test.tsv): WNLI's majority class where no WNLI.tsv exists")
     p.add_argument("--out", default=None, help="the zip (default: SUBMISSION_DIR/glue_submission.zip)")

@@ -63,9 +63,8 @@ def fine_tuned_task(path, spec, flags):
         task = get_task(flags["dataset"])
     except ValueError as err:
         raise PredictError(f"{path}: {err}") from None
-    if task.head != spec.head or tuple(task.special_tokens) != tuple(spec.special_tokens):
-        raise PredictError(f"{path}: its model (head {spec.head}, special rows {spec.special_tokens}) is not "
-                           f"{task.title}'s (head {task.head}, special rows {task.special_tokens})")
+    if task.head != spec.head:
+        raise PredictError(f"{path}: its model's head {spec.head} is not {task.title}'s ({task.head})")
     return task
 
 
@@ -82,6 +81,10 @@ class Predictor:
         self.text_encoder = TextEncoder(*vocabulary_paths(model_path, encoder_path, bpe_path))
         check_vocabulary(spec, self.text_encoder, model_path)
         self.specials = add_specials(self.text_encoder, self.task.special_tokens)
+        if (self.specials.n_special, self.specials.clf_token) != (spec.n_special, spec.clf_token):
+            raise PredictError(f"{model_path}: its model has {spec.n_special} special rows and the classify token "
+                               f"{spec.clf_token}; {self.task.title} adds {self.specials.n_special}, the classify "
+                               f"token {self.specials.clf_token}")
         try:
             self.device = resolve_device(device)
         except ValueError as err:
@@ -214,8 +217,7 @@ def format_predictions(predictions, jsonl=False, labels_only=False):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Label new inputs with a fine-tuned model (a train.py run's "
-                                            "best_params.safetensors or checkpoint.pt).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                            "best_params.safetensors or checkpoint.pt).")
     p.add_argument("--model_path", required=True, help="best_params.safetensors or checkpoint.pt of a fine-tuning run")
     p.add_argument("--text", action="append", help="an input's text (its first field); repeat for more inputs")
     p.add_argument("--text_b", action="append", help="a pair's second text, one per --text, in the same order")

@@ -243,7 +243,7 @@ def test_a_file_without_the_tasks_fields_is_one_line(glue_runs, tmp_path, capsys
     (["--text", "a", "--text_b", "b", "--input", "x.tsv"], r"give the inputs either on the command line"),
     ([], r"give the inputs either on the command line"),
     (["--text", "a", "--text_b", "b", "--batch_size", "0"], r"--batch_size 0 is invalid"),
-    (["--text", "a", "--text_b", "b", "--device", "cuda:7"], r"--device cuda:7: this machine has"),
+    (["--text", "a", "--text_b", "b", "--device", "cuda:99"], r"--device cuda:99: this machine has"),
 ])
 def test_command_line_mistakes_are_one_line(glue_runs, argv, expected, capsys):
     status, _, err = run_predict(capsys, "--model_path", best_of(glue_runs[1]["mnli"]), *argv)
