@@ -150,6 +150,8 @@ class Predictor:
                                f"{[len(column) for column in texts]}")
         if any(not isinstance(text, str) for column in texts for text in column):
             raise PredictError("every text must be a string")
+        if index is not None and len(index) != len(texts[0]):
+            raise PredictError(f"{len(index)} index values for {len(texts[0])} inputs")
         sequences, n_cut = self.sequences(texts)
         outputs = self.outputs(sequences)
         return Predictions(list(index) if index is not None else list(range(len(outputs))),

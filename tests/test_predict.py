@@ -274,6 +274,21 @@ def test_a_model_file_that_is_not_a_fine_tune_is_refused(task_folders, tmp_path,
         assert status == 1 and re.fullmatch(rf"error: .*{expected}.*\n", err), err
 
 
+def test_the_python_call_refuses_texts_that_do_not_fit_the_task(glue_runs):
+    predictor = predict.Predictor(best_of(glue_runs[1]["mnli"]))
+    for texts, index, expected in [
+        (["a", "b"], None, r"MNLI takes 2 text field\(s\) per input \(sentence1, sentence2\): give one list"),
+        ([["a"]], None, r"MNLI takes 2 text field\(s\) per input"),
+        ([["a", "b"], ["c"]], None, r"expected as many texts in each field \(sentence1, sentence2\), at least one; "
+                                    r"got \[2, 1\]"),
+        ([[], []], None, r"at least one; got \[0, 0\]"),
+        ([["a"], [None]], None, r"every text must be a string"),
+        ([["a"], ["b"]], [1, 2], r"2 index values for 1 inputs"),
+    ]:
+        with pytest.raises(predict.PredictError, match=expected):
+            predictor.predict(texts, index)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_the_gpu_the_same_as_on_the_cpu(glue_runs, task_folders):
     best = best_of(glue_runs[1]["mnli"])
