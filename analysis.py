@@ -12,7 +12,8 @@ import os
 import sys
 
 from datasets import DataError
-from tasks import METRIC_KEYS, get_task
+from metrics import METRIC_KEYS
+from tasks import get_task
 from utils import json_lines, read_text_file
 
 

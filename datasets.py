@@ -164,6 +164,11 @@ def rocstories_test_labels(data_dir):
     return rocstories_test(data_dir)[3]
 
 
+def read_story_cloze(path):
+    """(stories, endings 1, endings 2) of one Story Cloze CSV file, labelled or not (labels ignored)."""
+    return _rocstories(path, labelled=False)[:3]
+
+
 # ------------------------------------------------------------------------------------------------
 # The task formats: what a split holds once read, and one reader per format
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +208,9 @@ class Columns:
 @dataclass(frozen=True)
 class Source:
     """One split's files (relative to the task's folder; RACE: glob patterns), its report title,
-    whether it has labels and, for a GLUE test set, the submission file name."""
+    whether it has labels and, for a GLUE test set, the submission file name. An optional source is
+    read where its files are present and skipped where they are not; optional sources sharing a key
+    are alternatives (other places or layouts of one file), the first present one read."""
 
     key: str
     files: tuple
@@ -211,6 +218,7 @@ class Source:
     labelled: bool = True
     submission: str | None = None
     columns: Columns | None = None
+    optional: bool = False
 
 
 # The readers below take the task for what only it knows: label_id (a label's class or score, or an
@@ -291,6 +299,28 @@ def read_snli(folder, source, task):
     return Split((premises, hypotheses), task.label_array(labels), source.title, notes=notes, dropped=dropped)
 
 
+def read_json_fields(path, names, title):
+    """New inputs from JSON lines: an object per line holding a string under each of `names` (other
+    keys ignored). The index of an example is its object's "index" where it has one, else its
+    position among the lines (from 0)."""
+    texts, index = [[] for _ in names], []
+    for position, (line_no, example) in enumerate(json_lines(read_text(path), path, DataError)):
+        missing = [k for k in names if not isinstance(example, dict) or k not in example]
+        if missing:
+            raise DataError(f"{path}, line {line_no}: expected an object with {', '.join(names)}; "
+                            f"{', '.join(missing)} missing")
+        not_text = [k for k in names if not isinstance(example[k], str)]
+        if not_text:
+            raise DataError(f"{path}, line {line_no}: {not_text[0]} is {json_type(example[not_text[0]])}; "
+                            "expected a string")
+        for text, name in zip(texts, names):
+            text.append(example[name].strip())
+        index.append(example.get("index", position))
+    if not index:
+        raise DataError(f"{path}: no examples")
+    return Split(tuple(texts), None, title, index=index)
+
+
 def json_type(value):
     """How JSON names a value's type, for errors: 'null', 'a number', 'a string' ..."""
     if value is None:
@@ -335,7 +365,7 @@ def read_race(folder, source, task):
     groups name each level's examples (RACE-m, RACE-h); the split's own title covers both."""
     articles, questions, options, labels, groups = [], [], [[] for _ in range(task.n_choices)], [], {}
     for pattern in source.files:
-        level = pattern.split("/")[1]  # "middle" or "high"
+        parts = pattern.split("/")  # split/level/*.txt; one file of new inputs: its name alone
         start = len(labels)
         for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)), key=_race_sort_key):
             for article, question, opts, label in _race_questions(path, task):
@@ -344,7 +374,8 @@ def read_race(folder, source, task):
                 for choice, option in zip(options, opts):
                     choice.append(option.strip())
                 labels.append(label)
-        groups[source.title.replace(task.title, f"{task.title}-{level[0]}", 1)] = np.arange(start, len(labels))
+        if len(parts) == 3:  # "middle" or "high"
+            groups[source.title.replace(task.title, f"{task.title}-{parts[1][0]}", 1)] = np.arange(start, len(labels))
     if not labels:  # files whose question lists are all empty: an empty split would fail deep in training
         raise DataError(f"{folder}: no questions in {' or '.join(source.files)}")
     return Split((articles, questions, *options), task.label_array(labels), source.title, groups=groups)

@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 
 from datasets import ROC_HEADER, ROC_TEST, ROC_VAL, rocstories
-from tasks import ENTAILMENT, NLI, get_task
+from tasks import BINARY, ENTAILMENT, NLI, get_task
 from text_utils import TextEncoder, learn_bpe
 from weights import write_openai_weights
 
@@ -252,6 +252,11 @@ def _write_mnli(rng, folder, sizes):
             rows.append([i, rng.randrange(10**5), f"{rng.randrange(10**5)}e", genre, _parse(s1), _parse(s2),
                          _parse(s1), _parse(s2), s1, s2, *labels])
         _write_lines(os.path.join(folder, name), rows)
+    # GLUE's diagnostic set (predicted into AX.tsv): index, sentence1, sentence2; as many pairs as a test set
+    rows = [["index", "sentence1", "sentence2"]]
+    for i, y in enumerate(_labels(rng, sizes["test"], 3)):
+        rows.append([i, *_nli_pair(rng, y, _CUES["nli"], quote=i % 7 == 0)])
+    _write_lines(os.path.join(folder, "diagnostic", "diagnostic.tsv"), rows)
 
 
 def _pair_glue(columns, label_names, cues):
@@ -331,12 +336,22 @@ _WRITERS = {"rocstories": _write_rocstories,
             "snli": _write_snli, "scitail": _write_scitail, "race": _write_race}
 
 
+def write_synthetic_wnli(folder, n_train, n_dev, n_test, seed=0):
+    """GLUE's WNLI folder under folder (train.tsv, dev.tsv, test.tsv in its layout; labels 0/1); return it.
+    No task here trains on WNLI: its test file gives a GLUE submission's WNLI indices."""
+    path = os.path.join(folder, "WNLI")
+    write = _pair_glue(("sentence1", "sentence2"), BINARY, _CUES["binary_nli"])
+    write(random.Random(seed), path, {"train": n_train, "dev": n_dev, "test": n_test})
+    return path
+
+
 def write_synthetic(task_name, folder, n_train, n_dev, n_test, seed=0):
     """Write a small synthetic data set for the task, in its real folder, file names, layout and
     quirks, under folder; return the task's folder (folder/SST-2, folder/snli_1.0 ...).
 
     A label-bearing word decides each label, so a tiny model learns it in a few epochs. Reading it
-    gives n_train, n_dev and n_test examples per split (MNLI: n_dev per dev set, n_test per test set):
+    gives n_train, n_dev and n_test examples per split (MNLI: n_dev per dev set, n_test per test set and in
+    its diagnostic set):
     the quirky extra rows (QQP's malformed rows, SNLI's '-' pairs) are on top of those.
     """
     task = get_task(task_name)

@@ -4,17 +4,9 @@ behind one protocol, `Task`, that the training code asks instead of asking which
 The paper's fine-tuning tasks (its Tables 2-4), ROCStories with the original's split and cut rule
 (`RocStoriesTask`), and language modelling on plain text (`LanguageModelTask`, `--dataset lm`).
 
-Splits. `Task.read` returns 'train', then 'valid', the split that selects the kept parameters, then
-the splits reported at the end, in report order. For every task 'valid' is the dev set: GLUE keeps
-its test labels private, so a GLUE test set is only predicted, into the file the GLUE server wants;
-SNLI, SciTail and RACE publish theirs, so their test accuracy is reported. MNLI has two dev sets:
-'valid' is the matched one, 'valid_mm' the mismatched one (reported, not used for selection).
-
-Input transformations (the paper's Figure 1) and the cut rule: docs/tasks.md. In short, every
-sequence is [start] ... [delimiter] ... [classify] (text classification: no delimiter); similarity
-tasks give both orderings, multiple choice one sequence per answer; a long example loses tokens from
-the end of its longest text first, every sequence of an example gets the same cut, and the special
-tokens are never cut (`fit_lengths`).
+`Task.read` returns 'train', then 'valid', the split that selects the kept parameters, then the
+splits reported or submitted at the end (docs/tasks.md: which split is which). The input
+transformations (the paper's Figure 1) and the cut rule (`fit_lengths`): docs/tasks.md.
 """
 
 import glob
@@ -24,12 +16,11 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 import datasets
 from datasets import Columns, DataError, Source, Split, read_race, read_snli, read_text, read_tsv_split
 from loss import TASK_LOSSES
+from metrics import LOWER_IS_BETTER, METRICS, ON_SCORES, is_number
 
 # ------------------------------------------------------------------------------------------------
 # Special tokens
@@ -57,39 +48,6 @@ def add_specials(text_encoder, names=SPECIAL_TOKENS):
         encoder.setdefault(name, len(encoder))
     ids = [encoder[name] if name in names else None for name in SPECIAL_TOKENS]
     return Specials(n_vocab, *ids, n_special=len(names))
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics (percent, as the paper prints them)
-# ------------------------------------------------------------------------------------------------
-
-def accuracy(labels, predicted):
-    return 100.0 * accuracy_score(labels, predicted)
-
-
-def mcc(labels, predicted):
-    return 100.0 * matthews_corrcoef(labels, predicted)
-
-
-def f1(labels, predicted):
-    """F1 of the positive class (1: paraphrase, duplicate), as GLUE reports MRPC and QQP."""
-    return 100.0 * f1_score(labels, predicted, zero_division=0.0)
-
-
-def _correlation(fn, labels, scores):
-    """0 where the correlation is undefined (constant scores), as scikit-learn's MCC does."""
-    labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
-    if len(labels) < 2 or np.ptp(labels) == 0 or np.ptp(scores) == 0:
-        return 0.0
-    return 100.0 * float(fn(labels, scores)[0])
-
-
-METRICS = {"Accuracy": accuracy, "MCC": mcc, "F1": f1, "Pearson": lambda y, s: _correlation(pearsonr, y, s),
-           "Spearman": lambda y, s: _correlation(spearmanr, y, s)}
-ON_SCORES = ("Pearson", "Spearman")  # the others compare predicted classes
-METRIC_KEYS = {"Accuracy": "acc", "MCC": "mcc", "F1": "f1", "Pearson": "pearson", "Spearman": "spearman",
-               "Perplexity": "ppl"}  # the log's names: va_acc, tr_f1, va_ppl ...
-LOWER_IS_BETTER = ("Perplexity",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,6 +88,7 @@ class Task:
     n_choices: int = 1         # answers per example (multiple choice)
     skip_malformed: bool = False  # QQP: rows with the wrong number of columns are skipped, and counted
     score_range: tuple | None = None  # STS-B: the allowed scores
+    text_fields: tuple = ()    # an example's texts by name, as `sequences` takes them: a file of new inputs
 
     def __post_init__(self):
         if self.form not in FORMS or (self.loss is not None and self.loss not in TASK_LOSSES):
@@ -150,17 +109,13 @@ class Task:
         listing every file as missing from the parent would hide the one that is.
         """
         candidates = [data_dir, os.path.join(data_dir, self.folder)]
-        expected = [f for s in self.sources for f in s.files]
-
-        def lacks(folder):
-            return [f for f in expected if not glob.glob(os.path.join(glob.escape(folder), f))]
-
+        expected = [f for s in self.sources if not s.optional for f in s.files]
         for folder in candidates:
-            if not lacks(folder):
+            if not _absent(folder, expected):
                 return folder
-        folder, missing = data_dir, lacks(data_dir)
+        folder, missing = data_dir, _absent(data_dir, expected)
         if len(missing) == len(expected) and os.path.isdir(candidates[1]):
-            folder, missing = candidates[1], lacks(candidates[1])
+            folder, missing = candidates[1], _absent(candidates[1], expected)
         if os.path.isfile(folder):  # a data file given for its folder: it exists, so not "does not exist"
             where = "is a file; --data_dir is the folder that holds the files"
         elif not os.path.isdir(folder):
@@ -172,9 +127,25 @@ class Task:
                         f"{self.obtain}")
 
     def read(self, data_dir):
-        """{'train': Split, 'valid': Split (selects the kept parameters), then the report splits}."""
-        folder = self.locate(data_dir)
-        return {s.key: self.reader(folder, s, self) for s in self.sources}
+        """{'train': Split, 'valid': Split (selects the kept parameters), then the report splits}; an
+        optional split where its files are present (MNLI's diagnostic set)."""
+        folder, splits = self.locate(data_dir), {}
+        for s in self.sources:
+            if s.key not in splits and not (s.optional and _absent(folder, s.files)):
+                splits[s.key] = self.reader(folder, s, self)
+        return splits
+
+    def read_file(self, path):
+        """New inputs from one file in a format of the task's own files (its test split's tried first):
+        a Split, its labels (where the file has them) not needed. The error names each format's problem."""
+        folder, name = os.path.split(os.path.abspath(path))
+        problems = []
+        for source in sorted(self.sources, key=lambda s: s.labelled):
+            try:
+                return self.reader(folder, replace(source, files=(name,), optional=False), self)
+            except DataError as err:
+                problems.append(str(err).replace(f"{os.path.join(folder, name)}, ", ""))
+        raise DataError(f"{path}: not in a format of {self.title}'s files ({'; '.join(dict.fromkeys(problems))})")
 
     def read_split(self, data_dir, key):
         """One split alone (analysis reads a test split's labels)."""
@@ -279,7 +250,7 @@ class Task:
     def metrics_of_predictions(self, rows, labels, path):
         """The metrics of submitted predictions ((line number, text) of a submission file) against the labels."""
         if self.label_names is None:
-            bad = next(((n, v) for n, v in rows if not _is_number(v)), None)
+            bad = next(((n, v) for n, v in rows if not is_number(v)), None)
             classes, scores = None, np.array([float(v) for _, v in rows]) if bad is None else None
         else:
             bad = next(((n, v) for n, v in rows if v not in self.label_names), None)
@@ -298,6 +269,16 @@ class Task:
         where lower is better)."""
         name = self.metric_names[0]
         return -metrics[name] if name in LOWER_IS_BETTER else metrics[name]
+
+    def probabilities(self, outputs):
+        """Class probabilities [n, classes] in label_names order (None for a score): the softmax of the
+        logits; for one binary logit (MRPC, QQP) its sigmoid, class 1's, and the complement."""
+        logits = torch.from_numpy(self._check_logits(outputs)).double()
+        if self.label_names is None:
+            return None
+        if self.loss == "binary_cross_entropy":
+            return torch.stack([torch.sigmoid(-logits), torch.sigmoid(logits)], 1).numpy()
+        return torch.softmax(logits, -1).numpy()
 
     def predictions(self, outputs):
         """Submission values: label names (GLUE's 0/1 where its labels are digits), STS-B a score."""
@@ -331,12 +312,9 @@ class Task:
                 for title, values in self.report(split, outputs) for name, value in values.items()]
 
 
-def _is_number(text):
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _absent(folder, files):
+    """The files (glob patterns) of `files` that `folder` lacks."""
+    return [f for f in files if not glob.glob(os.path.join(glob.escape(folder), f))]
 
 
 def fit_lengths(lengths, n_alternatives, budget):
@@ -390,6 +368,10 @@ class RocStoriesTask(Task):
         *texts, labels = datasets.rocstories_test(data_dir)
         return Split(tuple(texts), None if labels is None else labels.astype(np.int64), self.title_of("test"),
                      submission="ROCStories.tsv")
+
+    def read_file(self, path):
+        """New inputs from one Story Cloze CSV file (labelled or not)."""
+        return Split(tuple(datasets.read_story_cloze(path)), None, "ROCStories")
 
     def sequences(self, encoded_texts, specials, max_tokens):
         max_len = max_tokens // 2 - 2
@@ -516,7 +498,8 @@ def _glue(name, title, form, head, loss, labels, metrics, texts, label, index="i
     sources = (Source("train", ("train.tsv",), f"{title} Train", columns=labelled),
                Source("valid", ("dev.tsv",), f"{title} Dev", columns=labelled),
                Source("test", ("test.tsv",), f"{title} Test", labelled=False, submission=f"{title}.tsv", columns=test))
-    return Task(name, title, title, form, head, loss, labels, metrics, sources, read_tsv_split, GLUE_OBTAIN, **extra)
+    return Task(name, title, title, form, head, loss, labels, metrics, sources, read_tsv_split, GLUE_OBTAIN,
+                text_fields=test.texts, **extra)
 
 
 def _mnli_task():
@@ -527,15 +510,24 @@ def _mnli_task():
                Source("valid_mm", ("dev_mismatched.tsv",), "MNLI-mm Dev", columns=labelled),
                Source("test", ("test_matched.tsv",), "MNLI-m Test", False, "MNLI-m.tsv", test),
                Source("test_mm", ("test_mismatched.tsv",), "MNLI-mm Test", False, "MNLI-mm.tsv", test))
-    return Task("mnli", "MNLI", "MNLI", "pair", "inference", "cross_entropy", NLI, ("Accuracy",), sources,
-                read_tsv_split, GLUE_OBTAIN)
+    # GLUE's diagnostic set, predicted into AX.tsv where present: diagnostic.tsv (index, sentence1, sentence2) in
+    # diagnostic/ inside the folder, in the folder, or in diagnostic/ beside it (GLUE's download script), else
+    # diagnostic-full.tsv (Premise, Hypothesis, the annotations; rows numbered from 0 as diagnostic.tsv numbers them)
+    full = Columns(("Premise", "Hypothesis"))
+    diagnostic = tuple(Source("diagnostic", (path,), "AX Diagnostic", False, "AX.tsv", columns, optional=True)
+                       for path, columns in (("diagnostic/diagnostic.tsv", test), ("diagnostic.tsv", test),
+                                             ("../diagnostic/diagnostic.tsv", test), ("diagnostic-full.tsv", full),
+                                             ("diagnostic/diagnostic-full.tsv", full)))
+    return Task("mnli", "MNLI", "MNLI", "pair", "inference", "cross_entropy", NLI, ("Accuracy",),
+                sources + diagnostic, read_tsv_split, GLUE_OBTAIN, text_fields=texts)
 
 
 def _snli_task():
     sources = tuple(Source(key, (f"snli_1.0_{part}.jsonl",), f"SNLI {part.title()}")
                     for key, part in (("train", "train"), ("valid", "dev"), ("test", "test")))
     return Task("snli", "SNLI", "snli_1.0", "pair", "inference", "cross_entropy", NLI, ("Accuracy",), sources,
-                read_snli, "SNLI 1.0 is obtained from https://nlp.stanford.edu/projects/snli/ (snli_1.0.zip).")
+                read_snli, "SNLI 1.0 is obtained from https://nlp.stanford.edu/projects/snli/ (snli_1.0.zip).",
+                text_fields=("sentence1", "sentence2"))
 
 
 def _scitail_task():
@@ -544,7 +536,8 @@ def _scitail_task():
                     for key, part in (("train", "train"), ("valid", "dev"), ("test", "test")))
     return Task("scitail", "SciTail", "SciTailV1.1", "pair", ("classification", 2), "cross_entropy",
                 ("entails", "neutral"), ("Accuracy",), sources, read_tsv_split,
-                "SciTail 1.1 is obtained from https://allenai.org/data/scitail (SciTailV1.1.zip).")
+                "SciTail 1.1 is obtained from https://allenai.org/data/scitail (SciTailV1.1.zip).",
+                text_fields=("premise", "hypothesis"))
 
 
 def _race_task():
@@ -553,7 +546,7 @@ def _race_task():
     return Task("race", "RACE", "RACE", "choices", "multiple_choice", "cross_entropy", ("A", "B", "C", "D"),
                 ("Accuracy",), sources, read_race,
                 "RACE is obtained from https://www.cs.cmu.edu/~glai1/data/race/ (non-commercial research use only).",
-                n_choices=4)
+                n_choices=4, text_fields=("article", "question", "A", "B", "C", "D"))
 
 
 def _declarations():
@@ -584,7 +577,8 @@ def _rocstories_task():
                Source("valid", (datasets.ROC_VAL,), "ROCStories Valid"),
                Source("test", (datasets.ROC_TEST,), "ROCStories Test", labelled=False, submission="ROCStories.tsv"))
     return RocStoriesTask("rocstories", "ROCStories", ".", "choices", "multiple_choice", "cross_entropy", ("0", "1"),
-                          ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2)
+                          ("Accuracy",), sources, None, datasets.ROC_HINT, n_choices=2,
+                          text_fields=("story", "ending1", "ending2"))
 
 
 LANGUAGE_MODEL = LanguageModelTask()

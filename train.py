@@ -43,10 +43,11 @@ from checkpoints import (
 )
 from datasets import DataError
 from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, set_cpu_threads, setup_runtime
+from metrics import METRIC_KEYS
 from model_pytorch import ModelSpec, build_model
 from synthetic import write_demo_files
 from task_data import load_task_data
-from tasks import METRIC_KEYS, get_task
+from tasks import get_task
 from text_utils import TextEncoder, VocabularyError
 from utils import ResultLogger, atomic_write_text
 from weights import (

@@ -64,6 +64,65 @@ def roc_files(tmp_path_factory):
     return base
 
 
+class TaskFolders(dict):
+    """name -> (the task's synthetic folder in its real layout, a folder with a vocabulary learned from its
+    training texts and tiny random weights: 32 wide, 2 layers, 128 positions), each made when first asked."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, name):
+        from synthetic import write_synthetic
+        from tasks import get_task
+        from text_utils import learn_bpe
+
+        data = write_synthetic(name, str(self.base / name / "data"), 160, 48, 24, seed=1)
+        texts = [t for field in get_task(name).configured(n_valid=48).read(data)["train"].texts for t in field]
+        model = self.base / name / "model"
+        encoder = learn_bpe(texts, str(model / "encoder.json"), str(model / "vocab.bpe"), vocab_size=300,
+                            min_frequency=1)
+        write_openai_weights(model, n_vocab=len(encoder.encoder), n_ctx=128, n_embd=32, n_layer=2, seed=1)
+        self[name] = (data, model)
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def task_folders(tmp_path_factory):
+    """Every task's folders for end-to-end runs (`TaskFolders`)."""
+    return TaskFolders(tmp_path_factory.mktemp("tasks"))
+
+
+def task_arguments(task_folders, name, out, *extra):
+    """train.py's flags for a tiny fine-tune of task `name` on `task_folders`, writing under `out`."""
+    data, model = task_folders[name]
+    return ["--dataset", name, "--data_dir", data, "--model_path", str(model), "--encoder_path",
+            str(model / "encoder.json"), "--bpe_path", str(model / "vocab.bpe"), "--log_dir", str(out / "log"),
+            "--save_dir", str(out / "save"), "--submission_dir", str(out / "sub"), "--desc", "run",
+            "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4",
+            "--n_gpu", "4", "--n_valid", "48", "--n_iter", "3", "--lr", "2e-3", "--lr_warmup", "0.1",
+            "--n_ctx", "128", *extra]
+
+
+GLUE_TASKS = ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
+
+
+@pytest.fixture(scope="session")
+def glue_runs(task_folders, tmp_path_factory):
+    """Every GLUE task of the paper fine-tuned for one epoch with --submit, all predictions in one folder as
+    a GLUE submission gathers them: (that folder, {task: the run's save folder})."""
+    import train
+
+    base = tmp_path_factory.mktemp("glue")
+    runs = {}
+    for name in GLUE_TASKS:
+        argv = task_arguments(task_folders, name, base / name, "--submit", "--n_iter", "1",
+                              "--submission_dir", str(base / "submission"))
+        assert train.main(argv) == 0, name
+        runs[name] = base / name / "save" / "run"
+    return base / "submission", runs
+
+
 @pytest.fixture(scope="session")
 def full_size_weights(tmp_path_factory):
     """Random weights at the real shapes: (arrays, OpenAI shard folder, Hugging Face folder)."""

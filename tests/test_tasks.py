@@ -41,13 +41,15 @@ GLUE = {
              | {"test.tsv": (("sentence1", "sentence2"), None, "index")}),
     "mnli": ("MNLI", {f: (("sentence1", "sentence2"), "gold_label", None)
                       for f in ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv")}
-             | {f: (("sentence1", "sentence2"), None, "index") for f in ("test_matched.tsv", "test_mismatched.tsv")}),
+             | {f: (("sentence1", "sentence2"), None, "index") for f in ("test_matched.tsv", "test_mismatched.tsv",
+                                                                           "diagnostic/diagnostic.tsv")}),
     "qnli": ("QNLI", {f: (("question", "sentence"), "label", None) for f in ("train.tsv", "dev.tsv")}
              | {"test.tsv": (("question", "sentence"), None, "index")}),
     "rte": ("RTE", {f: (("sentence1", "sentence2"), "label", None) for f in ("train.tsv", "dev.tsv")}
             | {"test.tsv": (("sentence1", "sentence2"), None, "index")}),
 }
-KEYS = {"mnli": ["train", "valid", "valid_mm", "test", "test_mm"]}
+KEYS = {"mnli": ["train", "valid", "valid_mm", "test", "test_mm", "diagnostic"]}
+SUBMISSIONS = {"AX Diagnostic": "AX.tsv"}  # GLUE's diagnostic set, predicted by the MNLI model
 
 
 def naive_tsv(path, texts, label, index, n_columns=None):
@@ -91,21 +93,22 @@ def test_glue_folders_read_as_distributed(synthetic, name):
         assert [list(t) for t in split.texts] == want_texts
         if label is None:  # a GLUE test set: predicted, into the server's file
             assert split.labels is None and split.index == want_index
-            assert split.submission == split.title.replace(" Test", "") + ".tsv"
+            assert split.submission == SUBMISSIONS.get(split.title, split.title.replace(" Test", "") + ".tsv")
         elif task.label_names is None:
             np.testing.assert_allclose(split.labels, np.array(want_labels, dtype=np.float32))
         else:
             assert [task.label_names[y] for y in split.labels] == [w.strip() for w in want_labels]
             assert split.labels.dtype == np.int64 and split.submission is None
     sizes = [len(s) for s in splits.values()]
-    assert sizes == ([N_TRAIN, N_DEV, N_DEV, N_TEST, N_TEST] if name == "mnli" else [N_TRAIN, N_DEV, N_TEST])
+    assert sizes == ([N_TRAIN, N_DEV, N_DEV, N_TEST, N_TEST, N_TEST] if name == "mnli" else [N_TRAIN, N_DEV, N_TEST])
 
 
 def test_split_titles_and_submission_names(synthetic):
     titles = {name: [(s.title, s.submission) for s in get_task(name).read(path).values()]
               for name, path in synthetic[1].items() if name != "rocstories"}
     assert titles["mnli"] == [("MNLI Train", None), ("MNLI-m Dev", None), ("MNLI-mm Dev", None),
-                              ("MNLI-m Test", "MNLI-m.tsv"), ("MNLI-mm Test", "MNLI-mm.tsv")]
+                              ("MNLI-m Test", "MNLI-m.tsv"), ("MNLI-mm Test", "MNLI-mm.tsv"),
+                              ("AX Diagnostic", "AX.tsv")]
     assert titles["sst2"][1:] == [("SST-2 Dev", None), ("SST-2 Test", "SST-2.tsv")]
     assert titles["stsb"][2] == ("STS-B Test", "STS-B.tsv")
     assert titles["snli"][1:] == [("SNLI Dev", None), ("SNLI Test", None)]
@@ -188,6 +191,106 @@ def test_race_json_folders_one_example_per_question(synthetic):
             assert got == expected[level], title
         assert len(split) == sum(len(v) for v in expected.values())
     assert [len(splits[k]) for k in ("train", "valid", "test")] == [N_TRAIN, N_DEV, N_TEST]
+
+
+# ------------------------------------------------------------------------------------------------
+# GLUE's diagnostic set (AX), an optional split of MNLI
+# ------------------------------------------------------------------------------------------------
+
+def write_diagnostic_full(path, pairs):
+    """GLUE's diagnostic-full.tsv: the annotation columns, Premise, Hypothesis, Label."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    header = ["Lexical Semantics", "Predicate-Argument Structure", "Logic", "Knowledge", "Domain", "Premise",
+              "Hypothesis", "Label"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines("\t".join(row) + "\n" for row in
+                     [header] + [["", "Negation" if i % 2 else "", "", "", "ACL", p, h, "neutral"]
+                                 for i, (p, h) in enumerate(pairs)])
+
+
+def test_mnli_diagnostic_is_read_where_glue_puts_it_and_is_optional(tmp_path):
+    folder = copy_folder("mnli", tmp_path)  # tmp_path/MNLI/diagnostic/diagnostic.tsv, as GLUE's MNLI download
+    inside = os.path.join(folder, "diagnostic", "diagnostic.tsv")
+    texts, _, index = naive_tsv(inside, ("sentence1", "sentence2"), None, "index")
+    split = get_task("mnli").read(folder)["diagnostic"]
+    assert [list(t) for t in split.texts] == texts and split.index == index and split.labels is None
+    assert split.submission == "AX.tsv"
+    beside = tmp_path / "diagnostic" / "diagnostic.tsv"  # GLUE's download script: glue_data/diagnostic/ beside MNLI/
+    os.makedirs(beside.parent)
+    os.replace(inside, beside)
+    for data_dir in (folder, str(tmp_path)):
+        assert get_task("mnli").read(data_dir)["diagnostic"].index == index
+    os.remove(beside)
+    assert "diagnostic" not in get_task("mnli").read(folder)  # absent: no split, no error
+    pairs = [("A man sleeps .", "Nobody sleeps ."), ('"Quoted premise .', "A hypothesis .")]
+    write_diagnostic_full(os.path.join(folder, "diagnostic-full.tsv"), pairs)
+    split = get_task("mnli").read(folder)["diagnostic"]
+    assert list(zip(*split.texts)) == pairs and split.index is None  # numbered from 0 when submitted
+    with open(os.path.join(folder, "diagnostic.tsv"), "w", encoding="utf-8") as f:  # diagnostic.tsv comes first
+        f.write("index\tsentence1\tsentence2\n7\tOne .\tTwo .\n")
+    assert get_task("mnli").read(folder)["diagnostic"].index == ["7"]
+    with open(os.path.join(folder, "diagnostic.tsv"), "w", encoding="utf-8") as f:  # present but wrong: an error
+        f.write("index\tsentence1\n7\tOne .\n")
+    with pytest.raises(DataError, match=r"diagnostic.tsv, line 1: the header lacks column\(s\) 'sentence2'"):
+        get_task("mnli").read(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# New inputs: the text fields, one file in a task's own format
+# ------------------------------------------------------------------------------------------------
+
+def test_text_fields_are_the_texts_each_task_reads(synthetic):
+    for name, task in tasks.TASKS.items():
+        splits = task.read(synthetic[1][name]) if name != "rocstories" else None
+        n_texts = 3 if name == "rocstories" else len(splits["train"].texts)
+        assert len(task.text_fields) == n_texts == len(set(task.text_fields)), name
+    for name, (_, layout) in GLUE.items():  # GLUE's: the test file's column names
+        assert get_task(name).text_fields == layout["test.tsv" if name != "mnli" else "test_matched.tsv"][0]
+    assert get_task("race").text_fields == ("article", "question", "A", "B", "C", "D")
+    assert get_task("snli").text_fields == ("sentence1", "sentence2")
+
+
+def own_files(folder, name):
+    """Files of a task's folder in each of its formats."""
+    if name == "rocstories":
+        return [os.path.join(folder, "cloze_test_test__spring2016 - cloze_test_ALL_test.csv")]
+    if name == "scitail":
+        return [os.path.join(folder, "tsv_format", "scitail_1.0_test.tsv")]
+    if name == "snli":
+        return [os.path.join(folder, "snli_1.0_test.jsonl")]
+    if name == "race":
+        return [sorted(glob.glob(os.path.join(folder, "test", "high", "*.txt")))[0]]
+    return [os.path.join(folder, f) for f in GLUE[name][1] if not f.startswith("diagnostic")]
+
+
+@pytest.mark.parametrize("name", [n for n in tasks.TASKS if n != "snli"])  # SNLI's JSON lines: predict.py's reader
+def test_read_file_reads_each_of_the_tasks_own_files(synthetic, name):
+    task, folder = get_task(name), synthetic[1][name]
+    for path in own_files(folder, name):
+        got = task.read_file(path)
+        if name == "rocstories":
+            with open(path, encoding="utf-8") as f:
+                rows = list(csv.reader(f))[1:]
+            expected = [[" ".join(r[1:5]) for r in rows], [r[5] for r in rows], [r[6] for r in rows]]
+        elif name == "race":
+            doc = json.load(open(path, encoding="utf-8"))
+            expected = [[doc["article"].strip()] * len(doc["questions"]), doc["questions"],
+                        *([o[k] for o in doc["options"]] for k in range(4))]
+        elif name == "scitail":
+            expected = naive_tsv(path, (0, 1), 2, None, n_columns=3)[0]
+        else:
+            texts, label, index = GLUE[name][1][os.path.basename(path)]
+            expected = naive_tsv(path, texts, label, index, 4 if isinstance(texts[0], int) else None)[0]
+        assert [list(t) for t in got.texts] == [list(t) for t in expected], path
+
+
+def test_read_file_names_each_formats_problem(tmp_path):
+    path = tmp_path / "new.tsv"
+    path.write_text("text\nA fine film .\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"new.tsv: not in a format of SST-2's files \(line 1: the header lacks "
+                                        r"column\(s\) 'sentence', 'index'; found \['text'\]; line 1: the header "
+                                        r"lacks column\(s\) 'sentence', 'label'; found \['text'\]\)$"):
+        get_task("sst2").read_file(str(path))
 
 
 def test_parent_folder_is_accepted(synthetic):
@@ -509,6 +612,23 @@ def test_predictions_are_what_glue_wants():
     assert get_task("qqp").predictions(np.array([0.2, -0.1])) == ["1", "0"]
     assert get_task("stsb").predictions(np.array([3.14159, -0.5])) == ["3.142", "-0.500"]
     assert get_task("race").predictions(np.array([[0, 0, 3, 1]])) == ["C"]
+
+
+def test_probabilities_against_their_formulas():
+    rng = np.random.default_rng(1)
+    three = rng.normal(size=(5, 3))
+    softmax = np.exp(three) / np.exp(three).sum(1, keepdims=True)
+    np.testing.assert_allclose(get_task("mnli").probabilities(three), softmax, rtol=1e-12)
+    one = rng.normal(size=5)  # MRPC, QQP: one logit, class 1's
+    np.testing.assert_allclose(get_task("mrpc").probabilities(one),
+                               np.stack([1 / (1 + np.exp(one)), 1 / (1 + np.exp(-one))], 1), rtol=1e-12)
+    four = rng.normal(size=(5, 4))  # RACE: over the answers
+    np.testing.assert_allclose(get_task("race").probabilities(four), np.exp(four) / np.exp(four).sum(1, keepdims=True),
+                               rtol=1e-12)
+    assert get_task("stsb").probabilities(one) is None
+    for name, logits in (("mnli", three), ("qqp", one), ("race", four)):
+        task = get_task(name)
+        assert [task.label_names[i] for i in task.probabilities(logits).argmax(1)] == task.predictions(logits)
 
 
 def test_race_report_gives_middle_high_and_all(synthetic):

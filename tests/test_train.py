@@ -19,12 +19,13 @@ import export_hf
 import generate
 import train
 from checkpoints import load_checkpoint, load_model, read_checkpoint
-from conftest import ROOT
+from conftest import ROOT, task_arguments
 from datasets import ROC_TEST, rocstories, rocstories_test_labels
 from engine import PhaseTimes, Runtime, Trainer
+from metrics import METRIC_KEYS
 from model_pytorch import MultipleChoiceHead, make_task_head
 from synthetic import synthetic_story, write_synthetic, write_synthetic_rocstories
-from tasks import METRIC_KEYS, get_task
+from tasks import get_task
 from text_utils import learn_bpe
 from weights import write_openai_weights
 
@@ -658,34 +659,6 @@ def test_torchrun_stop_signal_to_one_rank_stops_every_rank(setup, tmp_path):
 # ----------------------------------------------------------------------------- every task of the paper, end to end
 
 TASK_NAMES = ["sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "snli", "scitail", "race"]
-
-
-@pytest.fixture(scope="module")
-def task_folders(tmp_path_factory):
-    """Each task's synthetic folder in its real layout, a vocabulary learned from its training texts and
-    tiny random weights."""
-    base = tmp_path_factory.mktemp("tasks")
-    folders = {}
-    for name in TASK_NAMES:
-        data = write_synthetic(name, str(base / name / "data"), 160, 48, 24, seed=1)
-        texts = [t for field in get_task(name).read(data)["train"].texts for t in field]
-        model = base / name / "model"
-        encoder = learn_bpe(texts, str(model / "encoder.json"), str(model / "vocab.bpe"), vocab_size=300,
-                            min_frequency=1)
-        write_openai_weights(model, n_vocab=len(encoder.encoder), n_ctx=128, n_embd=32, n_layer=2, seed=1)
-        folders[name] = (data, model)
-    return folders
-
-
-def task_arguments(task_folders, name, out, *extra):
-    data, model = task_folders[name]
-    return ["--dataset", name, "--data_dir", data, "--model_path", str(model), "--encoder_path",
-            str(model / "encoder.json"), "--bpe_path", str(model / "vocab.bpe"), "--log_dir", str(out / "log"),
-            "--save_dir", str(out / "save"), "--submission_dir", str(out / "sub"), "--desc", "run",
-            "--n_embd", "32", "--n_head", "4", "--n_layer", "2", "--n_transfer", "2", "--n_batch", "4",
-            "--n_gpu", "4", "--n_valid", "48", "--n_iter", "3", "--lr", "2e-3", "--lr_warmup", "0.1",
-            "--n_ctx", "128", *extra]
-
 
 
 def exported_fine_tune(setup, tmp_path, *export_flags):
