@@ -68,19 +68,31 @@ def json_lines(text, path, error=ValueError):
     return [(n, parse_json(line, path, error, line=n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
+class WriteError(OSError):
+    """A file that could not be written, as one line naming it and the cause (no space left,
+    permission denied, file too large)."""
+
+
+TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)\.(?P<thread>\d+)$")  # atomic_write's temporaries
+
+
 def atomic_write(path, write):
     """Run `write(temporary path)`, flush it to disk, then rename it to `path`: a crash never leaves a
-    half-written file. A failed write removes its temporary file."""
-    make_path(path)
+    half-written file. A failed write removes its temporary file; an OSError becomes a WriteError
+    naming `path`. The temporary's name holds the writer's process id (TEMPORARY): what a killed
+    process leaves is recognised and removed later (run_folder.remove_dead_temporaries)."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
+        make_path(path)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(f"cannot write {path}: {err.strerror or err}") from None
         raise
 
 

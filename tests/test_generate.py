@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 import generate as generate_cli
 from checkpoints import host_copy, load_model, model_state, save_best_params
-from conftest import TINY_HEADS, tiny_config
+from conftest import TINY_HEADS, flip_bit, tiny_config
 from generate import GenerationError, choose_next, generate, next_token_probs
 from model_pytorch import DoubleHeadModel, LMModel, ModelSpec
 from text_utils import learn_bpe
@@ -331,4 +331,23 @@ def test_model_pytorch_still_offers_generate(model):
     import model_pytorch
 
     kw = dict(max_new_tokens=6, greedy=True)
-    assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == generate(model, PROMPTS, N_VOCAB, **kw).tokens
+    expected = generate(model, PROMPTS, N_VOCAB, **kw).tokens
+    assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == expected
+
+
+def test_cli_refuses_a_damaged_checkpoint_in_one_line(cli_files, tmp_path, capsys):
+    """One bit flipped in a run's parameters: exit 1 and one line naming the file (it generated from
+    the changed weights)."""
+    base, encoder = cli_files
+    model, spec = load_model(str(base / "model"), n_head=TINY_HEADS)
+    spec = ModelSpec(spec.config, spec.n_vocab, 0, spec.n_ctx, vocabulary=encoder.fingerprint())
+    path = tmp_path / "best_params.safetensors"
+    save_best_params(host_copy(model_state(model)), str(path), spec,
+                     dict(encoder_path=str(base / "encoder.json"), bpe_path=str(base / "vocab.bpe")))
+    argv = ["--model_path", str(path), "--prompt", "the cat", "--max_new_tokens", "2"]
+    assert generate_cli.main(argv) == 0
+    capsys.readouterr()
+    flip_bit(path, -100, bit=5)
+    assert generate_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is damaged: its contents do not match the sha256") and err.count("\n") == 1
