@@ -72,6 +72,10 @@ class WriteError(OSError):
     """A file that could not be written, as one line naming it and the cause (no space left,
     permission denied, file too large)."""
 
+    def __init__(self, path, cause):
+        super().__init__(f"cannot write {path}: {cause}")
+        self.path, self.cause = path, cause
+
 
 TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)\.(?P<thread>\d+)$")  # atomic_write's temporaries
 
@@ -92,7 +96,7 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(err, OSError) and not isinstance(err, WriteError):
-            raise WriteError(f"cannot write {path}: {err.strerror or err}") from None
+            raise WriteError(path, err.strerror or err) from None
         raise
 
 
