@@ -248,9 +248,11 @@ def _json(value, path, key):
     return value
 
 
-def load_checkpoint(path, flags, fixed, defaults):
+def load_checkpoint(path, flags, fixed, defaults, inputs=None):
     """A checkpoint to resume from; refused (one line) where a flag of `fixed` (the settings that fix
-    the run's shapes and numbers) differs from the run's `flags` (`defaults`: for older checkpoints)."""
+    the run's shapes and numbers) differs from the run's `flags` (`defaults`: for older checkpoints),
+    or where one of `inputs` ({name: (fingerprint, description)}: the data, the vocabulary) is not
+    the one the checkpoint recorded."""
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint at {path}")
     ckpt = load_verified(path, CheckpointError, "--resume: ")
@@ -261,7 +263,27 @@ def load_checkpoint(path, flags, fixed, defaults):
     if changed:
         raise CheckpointError("--resume: the checkpoint was made with other settings: " + ", ".join(
             f"--{k} {saved.get(k, defaults.get(k))!r} (now {flags[k]!r})" for k in changed))
+    recorded = ckpt.get("inputs") or {}
+    changed = [what for name, (fingerprint, what) in (inputs or {}).items()
+               if recorded.get(name, fingerprint) != fingerprint]
+    if changed:
+        raise CheckpointError(f"--resume: {' and '.join(changed)} changed since the checkpoint was made; resume with "
+                              "the interrupted run's own inputs (or start a new run)")
     return ckpt
+
+
+def check_best_params(path, spec):
+    """The kept parameters a resumed run will predict with: readable, intact and of this model, now
+    rather than at the end of the run (and never replaced by other parameters)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: the best parameters {path} are missing; the checkpoint counts on them "
+                              "(restore the file, or resume without --submit)")
+    try:
+        recorded = read_checkpoint(path)[1]
+    except WeightsError as err:
+        raise CheckpointError(f"--resume: {err}") from None
+    if recorded is not None and recorded != spec:
+        raise CheckpointError(f"--resume: the best parameters {path} are of another model than the checkpoint's")
 
 
 def first_line(err):

@@ -27,6 +27,7 @@ from batches import BatchError, check_split
 from checkpoints import (
     BackgroundWriter,
     CheckpointError,
+    check_best_params,
     host_copy,
     load_checkpoint,
     load_model_state,
@@ -131,10 +132,13 @@ class Run:
     def resume(self):
         """The model, optimizer, progress and every generator as the checkpoint left them."""
         cfg, runtime = self.cfg, self.runtime
-        ckpt = load_checkpoint(cfg.checkpoint_path, cfg.flags(), config.fixed_settings(), config.RunConfig().flags())
+        ckpt = load_checkpoint(cfg.checkpoint_path, cfg.flags(), config.fixed_settings(), config.RunConfig().flags(),
+                               self.inputs())
         if not os.path.exists(cfg.log_path):  # checked on every rank: the checkpoint continues the log it counted
             raise RunError(f"--resume: the run's log {cfg.log_path} is missing; the checkpoint continues that log "
                            "(give the --log_dir and --desc of the interrupted run)")
+        if cfg.submit and ckpt["best_score"] > float("-inf"):  # needed at the end: checked now, never replaced
+            check_best_params(cfg.best_path, self.spec)
         load_model_state(self.model, ckpt["model"], cfg.checkpoint_path)
         self.trainer.opt.load_state_dict(ckpt["optimizer"])
         self.progress = Progress(ckpt["n_epochs"], ckpt["n_updates"], ckpt["update_in_epoch"], ckpt["best_score"],
@@ -146,17 +150,22 @@ class Run:
             restore_rank_generators(ranks[runtime.rank], runtime.device)
         elif runtime.world > 1:  # another number of processes: one new stream per rank
             torch.manual_seed(cfg.seed + runtime.rank + 1_000_003 * self.progress.n_updates)
-        if cfg.submit and not os.path.exists(cfg.best_path):
-            self.progress.best_score = float("-inf")
+        if cfg.submit and self.progress.best_score == float("-inf") and not os.path.exists(cfg.best_path):
             if runtime.main:
                 tqdm.write("--submit added on resume: the best parameters are kept from the next evaluation on")
         return ckpt
+
+    def inputs(self):
+        """What the run was made from, as --resume compares it: {name: (fingerprint, how to name it)}."""
+        cfg = self.cfg
+        return dict(data=(self.data.fingerprint, f"the data in {cfg.data_dir}"),
+                    vocabulary=(self.text_encoder.fingerprint(), f"the vocabulary {cfg.encoder_path} / {cfg.bpe_path}"))
 
     def start_log(self, ckpt):
         """Rank 0's log (continued on resume), the first best parameters, and the run's summary line."""
         cfg, data = self.cfg, self.data
         if ckpt:
-            self.logger = ResultLogger.reopen(cfg.log_path, keep_lines=ckpt["log_lines"])
+            self.logger = ResultLogger.reopen(cfg.log_path, ckpt["log_lines"], ckpt.get("log"), RunError)
         else:
             self.logger = ResultLogger(cfg.log_path, **cfg.flags())
         if cfg.submit and not os.path.exists(cfg.best_path):
@@ -196,12 +205,14 @@ class Run:
         progress = self.progress
         with self.times("checkpoint writing"):
             rng = dict(rng_state(self.data_rng), **({"ranks": ranks} if ranks else {}))
-            with open(self.cfg.log_path) as f:
-                log_lines = sum(1 for _ in f)
+            with open(self.cfg.log_path, encoding="utf-8") as f:
+                log = f.read()
             state = dict(model=host_copy(model_state(self.model)), optimizer=host_copy(self.trainer.opt.state_dict()),
                          n_epochs=progress.n_epochs, n_updates=progress.n_updates,
                          update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
-                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log_lines, args=self.cfg.flags())
+                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log.count("\n"), log=log,
+                         inputs={name: fingerprint for name, (fingerprint, _) in self.inputs().items()},
+                         args=self.cfg.flags())
             self.writer.submit(save_checkpoint, state, self.cfg.checkpoint_path, self.spec)
 
     # -- training ---------------------------------------------------------------------------------

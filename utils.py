@@ -155,25 +155,43 @@ class ResultLogger:
     flushed at once. `ResultLogger.reopen` continues an existing log (resumed runs)."""
 
     def __init__(self, path, *args, **kwargs):
-        self.f_log = open(make_path(path), "w")
+        self.path = path
+        try:
+            self.f_log = open(make_path(path), "w", encoding="utf-8")
+        except OSError as err:
+            raise WriteError(path, err.strerror or err) from None
         kwargs.setdefault("time", time.time())
         self._write(kwargs)
 
     @classmethod
-    def reopen(cls, path, keep_lines=None):
-        """Append to the log at `path`, first dropping any line after the first `keep_lines`."""
-        if keep_lines is not None:
-            with open(path) as f:
-                lines = f.readlines()[:keep_lines]
-            with open(path, "w") as f:
-                f.writelines(lines)
+    def reopen(cls, path, keep_lines, kept=None, error=ValueError):
+        """Continue the log at `path` from the lines a checkpoint counted: `kept`, their text as the
+        checkpoint holds it (a log damaged since is restored from it, with a warning), else the
+        log's own first `keep_lines` lines (an `error` where it has fewer). The log is rewritten
+        through a temporary file and a rename: a crash leaves the old log or the new, never a cut one."""
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        if kept is None:
+            lines = text.splitlines(keepends=True)
+            if len(lines) < keep_lines:
+                raise error(f"the log {path} holds {len(lines)} lines but the checkpoint counted {keep_lines}: it "
+                            "was cut or damaged since")
+            kept = "".join(lines[:keep_lines])
+        elif not text.startswith(kept):
+            print(f"warning: the log {path} does not hold the {keep_lines} lines the checkpoint counted (cut or "
+                  "damaged): rewritten from the checkpoint's copy", file=sys.stderr)
+        atomic_write_text(path, kept)
         logger = cls.__new__(cls)
-        logger.f_log = open(path, "a")
+        logger.path, logger.f_log = path, open(path, "a", encoding="utf-8")
         return logger
 
     def _write(self, record):
-        self.f_log.write(json.dumps(record) + "\n")
-        self.f_log.flush()
+        """One line, flushed; a failed write (no space left) is a WriteError naming the log."""
+        try:
+            self.f_log.write(json.dumps(record) + "\n")
+            self.f_log.flush()
+        except OSError as err:
+            raise WriteError(self.path, err.strerror or err) from None
 
     def log(self, **kwargs):
         kwargs.setdefault("time", time.time())

@@ -19,7 +19,7 @@ import export_hf
 import generate
 import train
 from checkpoints import load_checkpoint, load_model, read_checkpoint
-from conftest import ROOT
+from conftest import ROOT, flip_bit
 from datasets import ROC_TEST, rocstories, rocstories_test_labels
 from engine import PhaseTimes, Runtime, Trainer
 from model_pytorch import MultipleChoiceHead, make_task_head
@@ -935,3 +935,73 @@ def test_torchrun_resumed_run_with_dropout_ends_the_same(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final_state(whole)["model"], final_state(parts)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing silently wrong
+
+def copy_of(folder, to):
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_resume_refuses_changed_data_in_one_line(setup, interrupted, tmp_path, capsys):
+    """The data changed under the checkpoint: it went on silently on the new data."""
+    out, data = copy_of(interrupted, tmp_path / "out"), copy_of(setup / "data", tmp_path / "data")
+    story = data / ROC_TEST
+    story.write_text(story.read_text().replace("smiled", "grinned"))
+    argv = arguments(setup, out, "--resume")
+    argv[argv.index("--data_dir") + 1] = str(data)
+    expect_failure(argv, rf"^error: --resume: the data in {re.escape(str(data))} changed since the checkpoint was "
+                         r"made; resume with the interrupted run's own inputs", capsys)
+
+
+def test_resume_refuses_another_vocabulary_in_one_line(setup, interrupted, tmp_path, capsys):
+    """Two merges swapped: the same sizes, other ids; it went on silently."""
+    out = copy_of(interrupted, tmp_path / "out")
+    merges = (setup / "model" / "vocab.bpe").read_text().split("\n")
+    merges[1], merges[2] = merges[2], merges[1]
+    (tmp_path / "vocab.bpe").write_text("\n".join(merges))
+    argv = arguments(setup, out, "--resume", "--bpe_path", str(tmp_path / "vocab.bpe"))
+    expect_failure(argv, r"^error: --resume: the vocabulary .*encoder.json / .*vocab.bpe changed since the checkpoint",
+                   capsys)
+
+
+@pytest.fixture(scope="module")
+def interrupted_with_best(setup, tmp_path_factory):
+    """A --submit run stopped inside epoch 2: the best parameters of epoch 1 are kept."""
+    out = tmp_path_factory.mktemp("with_best")
+    assert train.main(arguments(setup, out, "--submit", "--stop_after_updates", "7")) == 130
+    return out
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_resume_checks_the_best_parameters_at_start(setup, interrupted_with_best, tmp_path, capsys, damage,
+                                                    monkeypatch):
+    """A damaged best file trained to the end, then failed in prediction; a deleted one was silently replaced by
+    the last parameters while the report showed the best epoch's accuracy. Both are refused before training."""
+    out = copy_of(interrupted_with_best, tmp_path / "out")
+    best = out / "save" / "run" / "best_params.safetensors"
+    if damage == "flip":
+        flip_bit(best, -200, bit=2)
+        expected = rf"^error: --resume: {re.escape(str(best))} is damaged: its contents do not match the sha256"
+    else:
+        best.unlink()
+        expected = rf"^error: --resume: the best parameters {re.escape(str(best))} are missing"
+    monkeypatch.setattr(train.Run, "train", lambda self: pytest.fail("trained before the check"))
+    expect_failure(arguments(setup, out, "--submit", "--resume"), expected, capsys)
+
+
+def test_a_log_emptied_by_a_kill_is_restored_from_the_checkpoint(setup, interrupted, tmp_path, capsys):
+    """A kill inside the log's rewrite on resume left it empty; the next resume accepted it and the final report
+    and log were wrong. The checkpoint holds the lines it counted: the log is restored, with a warning."""
+    whole = tmp_path / "whole"
+    assert train.main(arguments(setup, whole)) == 0
+    out = copy_of(interrupted, tmp_path / "out")
+    (out / "log" / "run.jsonl").write_text("")
+    capsys.readouterr()
+    assert train.main(arguments(setup, out, "--resume")) == 0
+    assert "warning: the log" in capsys.readouterr().err
+    strip = lambda log: [{k: v for k, v in line.items() if k != "time"} for line in log]
+    assert strip(read_log(out))[1:] == strip(read_log(whole))[1:] and read_log(out)[0]["desc"] == "run"
