@@ -12,7 +12,6 @@ task_data.py's, the update and evaluation engine.py's, the files checkpoints.py'
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -45,11 +44,12 @@ from checkpoints import (
 from datasets import DataError
 from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, setup_runtime
 from model_pytorch import ModelSpec, build_model
+from run_folder import RunFolderError, claimed
 from synthetic import write_demo_files
 from task_data import load_task_data
 from tasks import METRIC_KEYS, get_task
 from text_utils import TextEncoder, VocabularyError
-from utils import ResultLogger, atomic_write_text
+from utils import ResultLogger, WriteError, atomic_write_text
 from weights import (
     ExportError,
     WeightsError,
@@ -61,7 +61,7 @@ from weights import (
 
 LOG_UPDATES = (1000, 2000, 4000, 8000, 16000, 32000)  # extra log points during the first epoch
 ERRORS = (RunError, config.ConfigError, DataError, BatchError, VocabularyError, WeightsError, CheckpointError,
-          ExportError)
+          ExportError, RunFolderError, WriteError)
 
 
 @dataclass
@@ -317,25 +317,10 @@ def write_submission(rows, path):
     atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in rows))
 
 
-def check_output_folders(cfg):
-    """Make the folders the run writes to and write a file in each, before any work: a run must not
-    train for hours and then fail on its log, checkpoint or submission folder."""
-    folders = [cfg.log_dir, cfg.save_dir] + ([cfg.submission_dir] if cfg.submit or cfg.analysis else [])
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise RunError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
-
-
 def run(cfg, runtime, t_start):
     """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), then the task's outputs."""
     times = PhaseTimes(runtime)
     times.add("start-up", time.time() - t_start)
-    if runtime.main:
-        check_output_folders(cfg)
     fine_tune = Run(cfg, runtime, times)
     ckpt = fine_tune.resume() if cfg.resume else None
     try:
@@ -369,8 +354,9 @@ def main(argv=None):
         cfg = config.parse(argv)
         if cfg.demo:
             write_demo_files(cfg)
-        runtime = setup_runtime(cfg.device, cfg.n_gpu)
-        return run(cfg, runtime, t_start)
+        with claimed(cfg, main=int(os.environ.get("RANK", "0")) == 0):  # the folders: writable, locked, cleared
+            runtime = setup_runtime(cfg.device, cfg.n_gpu)
+            return run(cfg, runtime, t_start)
     except ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

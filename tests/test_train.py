@@ -1005,3 +1005,29 @@ def test_a_log_emptied_by_a_kill_is_restored_from_the_checkpoint(setup, interrup
     assert "warning: the log" in capsys.readouterr().err
     strip = lambda log: [{k: v for k, v in line.items() if k != "time"} for line in log]
     assert strip(read_log(out))[1:] == strip(read_log(whole))[1:] and read_log(out)[0]["desc"] == "run"
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_goes_on(setup, tmp_path, capsys):
+    """Two runs with the same --desc at once: the second (other settings) overwrote the first's checkpoint, best
+    parameters, log and submission, and the first ended in a traceback. Now it is one line naming the first's
+    process id and writes nothing; after the first is killed (SIGKILL), its lock is no obstacle."""
+    import signal
+    import time
+
+    argv = arguments(setup, tmp_path, "--submit")
+    argv[argv.index("--n_iter") + 1] = "400"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    log, checkpoint = tmp_path / "log" / "run.jsonl", tmp_path / "save" / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoint.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    before = log.read_text()
+    second = arguments(setup, tmp_path, "--submit", "--lr", "1e-4")
+    expect_failure(second, rf"^error: {re.escape(str(tmp_path / 'save' / 'run'))} is in use by another run \(process "
+                           rf"{first.pid}\)", capsys)
+    assert log.read_text().startswith(before) and first.poll() is None
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert train.main(arguments(setup, tmp_path, "--resume", "--submit", "--n_iter", "400",
+                                "--stop_after_updates", "1")) == 130
