@@ -252,6 +252,7 @@ class Run:
         try:
             for b in range(progress.update_in_epoch, n_batches):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                self.writer.check()  # a failed background write is reported before the next update
                 values = trainer.update(X[idx], M[idx], Y[idx], stop_requested=stop.requested)
                 progress.n_updates += 1
                 progress.update_in_epoch += 1
