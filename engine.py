@@ -116,14 +116,27 @@ class PhaseTimes:
         return "time: " + ", ".join(parts)
 
 
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM where the run cannot finish its step first: it ends at once (a BaseException,
+    as KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current update, save a resumable checkpoint, then exit.
-    Under torchrun the request travels with the update's loss, so every process stops after the
-    same update."""
+    """Ctrl-C / SIGTERM for the whole of a run: set-up, encoding, training, evaluation, prediction.
+
+    Inside `deferred()` (the epochs: updates, evaluation, checkpoint) a signal asks to stop after
+    the current update, with a resumable checkpoint; a second one stops at once. Elsewhere a signal
+    stops at once (raises Stopped). Under torchrun the request travels with the update's loss, so
+    every process stops after the same update. `exit_code`: 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM; 130 for a stop asked otherwise)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
+        self.requested, self.signum, self.resumable = False, None, False
+        self._deferring, self._previous = False, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -131,14 +144,38 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"signal {signum}: saving a checkpoint after this update (again to stop at once)")
+        self.signum = self.signum or signum
+        if self._deferring and not self.requested:
+            self.requested = True
+            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop at once)")
+            return
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals inside ask to stop after the current update instead of stopping at once."""
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def any_rank(flag, runtime):
+    """Whether `flag` is true on any process (every process gets the same answer)."""
+    if runtime.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 class LateReader:

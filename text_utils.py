@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from itertools import chain
 
@@ -151,7 +152,10 @@ _worker_encoder = None  # the TextEncoder of a worker process (set once by _star
 
 
 def _start_worker(encoder):
+    """A worker leaves Ctrl-C and SIGTERM to its parent, which ends the pool (no worker tracebacks)."""
     global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_encoder = encoder
 
 

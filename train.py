@@ -11,6 +11,7 @@ task_data.py's, the update and evaluation engine.py's, the files checkpoints.py'
 
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from checkpoints import (
     save_checkpoint,
 )
 from datasets import DataError
-from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, setup_runtime
+from engine import LateReader, PhaseTimes, RunError, Stopped, StopRequest, Trainer, any_rank, setup_runtime
 from model_pytorch import ModelSpec, build_model
 from run_folder import RunFolderError, claimed
 from synthetic import write_demo_files
@@ -77,12 +78,13 @@ class Run:
     """One fine-tuning run: set up from its frozen settings, then trained epoch by epoch, evaluated,
     checkpointed, and finished by the task's predictions and report. Rank 0 alone writes files."""
 
-    def __init__(self, cfg, runtime, times):
+    def __init__(self, cfg, runtime, times, stop=None):
         """Seeds, data, model with its pre-trained weights, optimizer and engine: ready for the first update.
 
         One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
-        is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
-        self.cfg, self.runtime, self.times = cfg, runtime, times
+        is the special-token rows, then it shuffles every epoch (docs/reference.md §5). `stop`: the
+        process's StopRequest (signals)."""
+        self.cfg, self.runtime, self.times, self.stop = cfg, runtime, times, stop or StopRequest()
         self.progress, self.writer, self.logger = Progress(), BackgroundWriter(), None
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + runtime.rank)
@@ -153,6 +155,7 @@ class Run:
         if cfg.submit and self.progress.best_score == float("-inf") and not os.path.exists(cfg.best_path):
             if runtime.main:
                 tqdm.write("--submit added on resume: the best parameters are kept from the next evaluation on")
+        self.stop.resumable = True
         return ckpt
 
     def inputs(self):
@@ -214,13 +217,16 @@ class Run:
                          inputs={name: fingerprint for name, (fingerprint, _) in self.inputs().items()},
                          args=self.cfg.flags())
             self.writer.submit(save_checkpoint, state, self.cfg.checkpoint_path, self.spec)
+        self.stop.resumable = True
 
     # -- training ---------------------------------------------------------------------------------
     def train(self):
-        """Every epoch, with a log point and a checkpoint after each; returns True if stopped early."""
+        """Every epoch, with a log point and a checkpoint after each; returns True if stopped early
+        (a stop asked during an evaluation too, the last epoch's included: the run then predicts on
+        --resume)."""
         progress, reader = self.progress, LateReader(self.runtime.device)
         n_batches = len(self.data.splits["train"][0]) // self.cfg.batch_size
-        with StopRequest() as stop:
+        with self.stop.deferred() as stop:
             while progress.n_epochs < self.cfg.n_iter:
                 stopped = self.train_epoch(stop, reader)
                 if stopped and progress.update_in_epoch < n_batches:
@@ -231,7 +237,7 @@ class Run:
                 if self.runtime.main:
                     self.log_point()
                 self.save_checkpoint()
-                if stopped:
+                if any_rank(stopped or stop.requested, self.runtime):
                     return True
         return False
 
@@ -318,11 +324,11 @@ def write_submission(rows, path):
     atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in rows))
 
 
-def run(cfg, runtime, t_start):
+def run(cfg, runtime, t_start, stop=None):
     """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), then the task's outputs."""
     times = PhaseTimes(runtime)
     times.add("start-up", time.time() - t_start)
-    fine_tune = Run(cfg, runtime, times)
+    fine_tune = Run(cfg, runtime, times, stop)
     ckpt = fine_tune.resume() if cfg.resume else None
     try:
         if runtime.main:
@@ -332,13 +338,13 @@ def run(cfg, runtime, t_start):
     finally:
         if fine_tune.logger:
             fine_tune.logger.close()
-        if runtime.world > 1:
-            dist.barrier()
+    if runtime.world > 1:
+        dist.barrier()
     if stopped:
         if runtime.main:
             tqdm.write(f"stopped after {fine_tune.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {cfg.checkpoint_path})")
-        return 130
+        return fine_tune.stop.exit_code
     if runtime.main:
         fine_tune.finish()
         for line in fine_tune.trainer.compile_report(times.seconds.get("training", 0.0)):
@@ -349,21 +355,28 @@ def run(cfg, runtime, t_start):
 
 
 def main(argv=None):
+    """Exit status: 0 done, 1 an error (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (one line)."""
     t_start = time.time()
-    runtime = None
-    try:
-        cfg = config.parse(argv)
-        if cfg.demo:
-            write_demo_files(cfg)
-        with claimed(cfg, main=int(os.environ.get("RANK", "0")) == 0):  # the folders: writable, locked, cleared
-            runtime = setup_runtime(cfg.device, cfg.n_gpu)
-            return run(cfg, runtime, t_start)
-    except ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if runtime is not None and runtime.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    runtime, cfg = None, None
+    with StopRequest() as stop:  # from here to the end, a signal is one line and exit 130 / 143
+        try:
+            cfg = config.parse(argv)
+            if cfg.demo:
+                write_demo_files(cfg)
+            with claimed(cfg, main=int(os.environ.get("RANK", "0")) == 0):  # the folders: writable, locked, cleared
+                runtime = setup_runtime(cfg.device, cfg.n_gpu)
+                return run(cfg, runtime, t_start, stop)
+        except ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except Stopped as stopped:
+            name = signal.Signals(stopped.signum).name
+            print(f"stopped by {name}; " + (f"continue with --resume (checkpoint: {cfg.checkpoint_path})"
+                                            if stop.resumable else "nothing to resume: run again"), file=sys.stderr)
+            return stop.exit_code
+        finally:
+            if runtime is not None and runtime.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

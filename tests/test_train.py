@@ -301,7 +301,7 @@ def test_sigterm_saves_a_resumable_checkpoint(setup, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM
     assert "continue with --resume" in out
     ckpt = final_state(tmp_path)
     assert 0 < ckpt["n_updates"] < 400 * 5
@@ -1090,3 +1090,68 @@ def test_a_write_refused_by_the_system_names_the_file_and_the_cause(setup, tmp_p
     monkeypatch.setattr(checkpoints, "atomic_write", refused)
     expect_failure(arguments(setup, tmp_path), rf"error: cannot write {re.escape(str(tmp_path))}/save/run/"
                                               r"checkpoint.pt: Permission denied$", capsys)
+
+
+def signal_when(monkeypatch, owner, name, sig, call=1):
+    """Send `sig` to this process inside the `call`-th call of owner.name (after it ran)."""
+    real, calls = getattr(owner, name), []
+
+    def signalling(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), sig)
+        return result
+
+    monkeypatch.setattr(owner, name, signalling)
+
+
+@pytest.mark.parametrize("phase, where, resumable", [
+    ("set-up", "text_utils:TextEncoder.fingerprint", False),
+    ("encoding", "task_data:encode_dataset", False),
+    ("loading", "train:load_openai_pretrained_model", False),
+    ("prediction", "engine:Trainer.outputs:3", True),  # calls 1 and 2: the evaluation (there a stop waits)
+])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_anywhere_is_one_line_and_exit_130_or_143(setup, tmp_path, monkeypatch, capsys, phase, where,
+                                                          resumable, sig):
+    """Ctrl-C in set-up, encoding or prediction was a KeyboardInterrupt traceback, SIGTERM exit 143 with no
+    message: now one line, exit 128 + the signal, resumable where a checkpoint of the run exists (prediction:
+    --resume predicts again)."""
+    import importlib
+    import signal
+
+    module, path, *call = where.split(":")
+    *owners, attribute = path.split(".")
+    target = importlib.import_module(module)
+    for owner in owners:
+        target = getattr(target, owner)
+    signal_when(monkeypatch, target, attribute, getattr(signal, sig), call=int(call[0]) if call else 1)
+    argv = arguments(setup, tmp_path, "--submit", "--analysis", "--n_iter", "1")
+    assert train.main(argv) == 128 + getattr(signal, sig)
+    captured = capsys.readouterr()
+    lines = [line.split("\r")[-1] for line in captured.err.split("\n") if line.split("\r")[-1].strip()]  # no bars
+    expected = (f"stopped by {sig}; continue with --resume (checkpoint: {tmp_path / 'save' / 'run' / 'checkpoint.pt'})"
+                if resumable else f"stopped by {sig}; nothing to resume: run again")
+    assert lines == [expected] and "Traceback" not in captured.err
+    if resumable:
+        monkeypatch.undo()
+        assert train.main(argv + ["--resume"]) == 0
+        assert len((tmp_path / "sub" / "ROCStories.tsv").read_text().splitlines()) == 41
+
+
+def test_a_stop_during_the_last_evaluation_is_honoured(setup, tmp_path, monkeypatch, capsys):
+    """It was announced, then ignored: the run went on to predict. Now it stops with a checkpoint of the
+    finished training, and --resume predicts as the uninterrupted run does."""
+    import signal
+
+    whole = tmp_path / "whole"
+    assert train.main(arguments(setup, whole, "--submit")) == 0
+    signal_when(monkeypatch, Trainer, "evaluate", signal.SIGINT, call=4)  # epoch 2's validation set
+    out = tmp_path / "out"
+    assert train.main(arguments(setup, out, "--submit")) == 130
+    assert "continue with --resume" in capsys.readouterr().out
+    assert final_state(out)["n_epochs"] == 2 and not (out / "sub" / "ROCStories.tsv").exists()
+    monkeypatch.undo()
+    assert train.main(arguments(setup, out, "--submit", "--resume")) == 0
+    assert (out / "sub" / "ROCStories.tsv").read_text() == (whole / "sub" / "ROCStories.tsv").read_text()
