@@ -11,6 +11,7 @@ on the host and the loss is read one update late (docs/speed.md).
 
 import contextlib
 import ctypes
+import datetime
 import os
 import platform
 import signal
@@ -51,8 +52,9 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def setup_runtime(device_name, n_gpu):
-    """This process's device, and its rank among torchrun's processes (the process group joined)."""
+def setup_runtime(device_name, n_gpu, timeout_minutes=10.0):
+    """This process's device, and its rank among torchrun's processes (the process group joined, its
+    exchanges ending with an error after `timeout_minutes` without an answer)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         device = resolve_device(device_name)
@@ -69,8 +71,61 @@ def setup_runtime(device_name, n_gpu):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return Runtime(device, rank, world)
+
+
+class PeerLost(RunError):
+    """Another process of a torchrun job died or stopped answering."""
+
+
+COMMUNICATION_FAILURES = ("gloo", "NCCL", "Connection reset", "Connection closed", "Connection refused",
+                          "Broken pipe", "Timed out", "timed out")
+
+
+@contextlib.contextmanager
+def peers_watched(runtime, stop):
+    """Under torchrun, an exchange that fails because another process was lost (killed: its
+    connection closed; stopped: --dist_timeout) becomes one PeerLost line on every other process."""
+    try:
+        yield
+    except RuntimeError as err:
+        lost = peer_failure(err, runtime, stop)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def peer_failure(err, runtime, stop):
+    """A PeerLost naming the processes that do not answer, where `err` is a failed exchange of a
+    multi-process run; else None. The survivors each mark themselves present in the job's store
+    and wait a moment: the ranks still unmarked are the lost ones (a blocked or dead process cannot
+    mark itself). Signals are only noted from then on (torchrun's agent sends SIGTERM meanwhile)."""
+    if runtime.world == 1 or isinstance(err, RunError) or not (
+            isinstance(err, dist.DistError) or any(word in str(err) for word in COMMUNICATION_FAILURES)):
+        return None
+    stop.hold()
+    cause = "no answer within --dist_timeout" if "timed out" in str(err).lower() else "its connection closed"
+    lost = silent_ranks(runtime)
+    who = f"rank {', '.join(map(str, lost))}" if lost else "another process"
+    return PeerLost(f"{who} lost ({cause})")
+
+
+def silent_ranks(runtime, wait=3.0):
+    """The ranks that do not mark themselves present in the job's store within `wait` seconds."""
+    prefix = f"present/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(prefix + str(runtime.rank), "1")
+        deadline = time.monotonic() + wait
+        while True:
+            silent = [r for r in range(runtime.world) if not store.check([prefix + str(r)])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, ValueError):  # the store itself is gone (it lived in a lost process)
+        return []
 
 
 def keep_freed_host_memory():
@@ -136,7 +191,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested, self.signum, self.resumable = False, None, False
-        self._deferring, self._previous = False, {}
+        self._deferring, self._holding, self._previous = False, False, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -145,6 +200,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
+        if self._holding:
+            return
         if self._deferring and not self.requested:
             self.requested = True
             tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop at once)")
@@ -159,6 +216,10 @@ class StopRequest:
             yield self
         finally:
             self._deferring = False
+
+    def hold(self):
+        """From now on signals are only noted: the run is ending on its own (a lost peer's report)."""
+        self._holding = True
 
     @property
     def exit_code(self):

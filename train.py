@@ -43,7 +43,18 @@ from checkpoints import (
     save_checkpoint,
 )
 from datasets import DataError
-from engine import LateReader, PhaseTimes, RunError, Stopped, StopRequest, Trainer, any_rank, setup_runtime
+from engine import (
+    LateReader,
+    PeerLost,
+    PhaseTimes,
+    RunError,
+    Stopped,
+    StopRequest,
+    Trainer,
+    any_rank,
+    peers_watched,
+    setup_runtime,
+)
 from model_pytorch import ModelSpec, build_model
 from run_folder import RunFolderError, claimed
 from synthetic import write_demo_files
@@ -363,20 +374,24 @@ def main(argv=None):
             cfg = config.parse(argv)
             if cfg.demo:
                 write_demo_files(cfg)
-            with claimed(cfg, main=int(os.environ.get("RANK", "0")) == 0):  # the folders: writable, locked, cleared
-                runtime = setup_runtime(cfg.device, cfg.n_gpu)
+            runtime = setup_runtime(cfg.device, cfg.n_gpu, cfg.dist_timeout)
+            with claimed(cfg, runtime.main), peers_watched(runtime, stop):  # folders writable, locked, cleared
                 return run(cfg, runtime, t_start, stop)
         except ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {err}" + (f"; {resume_hint(cfg, stop)}" if isinstance(err, PeerLost) else ""),
+                  file=sys.stderr)
             return 1
         except Stopped as stopped:
-            name = signal.Signals(stopped.signum).name
-            print(f"stopped by {name}; " + (f"continue with --resume (checkpoint: {cfg.checkpoint_path})"
-                                            if stop.resumable else "nothing to resume: run again"), file=sys.stderr)
+            print(f"stopped by {signal.Signals(stopped.signum).name}; {resume_hint(cfg, stop)}", file=sys.stderr)
             return stop.exit_code
         finally:
             if runtime is not None and runtime.world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def resume_hint(cfg, stop):
+    return (f"continue with --resume (checkpoint: {cfg.checkpoint_path})" if stop.resumable
+            else "nothing to resume: run again")
 
 
 if __name__ == "__main__":

@@ -590,7 +590,7 @@ def test_submit_added_on_resume(setup, interrupted, capsys):
     ("--n_iter", "0", "at least 1"), ("--lr", "-1", ">= 0"), ("--embd_pdrop", "1.5", r"in \[0, 1\)"),
     ("--b2", "1", r"in \[0, 1\)"), ("--micro_batch", "0", "at least 1"), ("--n_head", "5", "divide --n_embd"),
     ("--n_transfer", "9", "between -1 and --n_layer"), ("--lr_warmup", "2", r"in \[0, 1\]"),
-    ("--n_valid", "0", "at least 1"),
+    ("--n_valid", "0", "at least 1"), ("--dist_timeout", "0", "minutes > 0"),
 ])
 def test_invalid_numeric_flag(setup, tmp_path, flag, value, expected, capsys):
     expect_failure(arguments(setup, tmp_path) + [flag, value], rf"^error: {flag} \S+ is invalid: .*{expected}",
@@ -1155,3 +1155,59 @@ def test_a_stop_during_the_last_evaluation_is_honoured(setup, tmp_path, monkeypa
     monkeypatch.undo()
     assert train.main(arguments(setup, out, "--submit", "--resume")) == 0
     assert (out / "sub" / "ROCStories.tsv").read_text() == (whole / "sub" / "ROCStories.tsv").read_text()
+
+
+def rank_pids(proc):
+    """{rank: pid} of a torchrun job's worker processes."""
+    ranks = {}
+    for pid in child_pids(proc.pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def ended(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_torchrun_a_lost_rank_ends_the_other_with_one_line(setup, tmp_path, how):
+    """A killed rank left the other with gloo 'Connection reset by peer' tracebacks; a stopped one (SIGSTOP) hung
+    it for the default 30 minutes. Now the survivor ends with one line naming the lost rank, at once for a killed
+    one, after --dist_timeout (here 0.25 minutes) for a stopped one."""
+    import signal
+    import time
+
+    argv = arguments(setup, tmp_path, *NO_DROPOUT, "--dist_timeout", "0.25")
+    argv[argv.index("--n_iter") + 1] = "400"
+    ranks_dir = tmp_path / "ranks"
+    command = TORCHRUN[:-1] + ["--log_dir", str(ranks_dir), "--redirects", "3", TORCHRUN[-1], *argv]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=one_thread_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log, checkpoint = tmp_path / "log" / "run.jsonl", tmp_path / "save" / "run" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoint.exists() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    ranks = rank_pids(proc)
+    os.kill(ranks[1], getattr(signal, how))
+    signalled = time.time()
+    while not ended(ranks[0]) and time.time() < signalled + 120:
+        time.sleep(0.1)
+    took = time.time() - signalled
+    if how == "SIGSTOP":
+        os.kill(ranks[1], signal.SIGCONT)
+    proc.communicate(timeout=120)
+    print(f"rank 0 ended {took:.1f} s after rank 1's {how}")
+    assert took < (10 if how == "SIGKILL" else 15 + 20)
+    (rank0_err,) = ranks_dir.glob("*/attempt_0/0/stderr.log")
+    err = rank0_err.read_text()
+    last = err.strip().split("\n")[-1].split("\r")[-1]
+    cause = "its connection closed" if how == "SIGKILL" else "no answer within --dist_timeout"
+    assert last == f"error: rank 1 lost ({cause}); continue with --resume (checkpoint: {checkpoint})", err[-3000:]
+    assert "Traceback" not in err
+    load_checkpoint(str(checkpoint), config.parse(argv).flags(), config.fixed_settings(), config.RunConfig().flags())
