@@ -219,6 +219,21 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(vocab, tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_folder_that_cannot_be_written_is_one_line(vocab, tmp_path, capsys):
+    """It was an OSError traceback (a full disk, a read-only folder: here a file where the folder should go)."""
+    enc = text_encoder(vocab)
+    spec = ModelSpec(tiny_config(), enc.n_vocab, 3, N_CTX, "multiple_choice", enc.n_vocab + 2, SPECIAL_TOKENS,
+                     enc.fingerprint())
+    best = tmp_path / "best_params.safetensors"
+    save_best_params(host_copy(model_state(double_model(enc.n_vocab))), str(best), spec, {})
+    (tmp_path / "a_file").write_text("")
+    argv = ["--model_path", str(best), "--encoder_path", str(vocab[0]), "--bpe_path", str(vocab[1]),
+            "--out", str(tmp_path / "a_file" / "hf")]
+    assert export_hf.main(argv) == 1
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'a_file' / 'hf' / 'config.json'}: " \
+                                      "Not a directory\n"
+
+
 def test_heads_transformers_lacks_are_a_clear_error(vocab, tmp_path):
     enc = text_encoder(vocab)
     with pytest.raises(ExportError, match="multiple-choice head only; this model's task head is ClfHead"):
