@@ -390,8 +390,8 @@ def main(argv=None):
 
 
 def resume_hint(cfg, stop):
-    return (f"continue with --resume (checkpoint: {cfg.checkpoint_path})" if stop.resumable
-            else "nothing to resume: run again")
+    resumable = stop.resumable or (cfg is not None and cfg.resume and os.path.exists(cfg.checkpoint_path))
+    return f"continue with --resume (checkpoint: {cfg.checkpoint_path})" if resumable else "nothing to resume"
 
 
 if __name__ == "__main__":

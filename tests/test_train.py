@@ -1132,7 +1132,7 @@ def test_a_stop_anywhere_is_one_line_and_exit_130_or_143(setup, tmp_path, monkey
     captured = capsys.readouterr()
     lines = [line.split("\r")[-1] for line in captured.err.split("\n") if line.split("\r")[-1].strip()]  # no bars
     expected = (f"stopped by {sig}; continue with --resume (checkpoint: {tmp_path / 'save' / 'run' / 'checkpoint.pt'})"
-                if resumable else f"stopped by {sig}; nothing to resume: run again")
+                if resumable else f"stopped by {sig}; nothing to resume")
     assert lines == [expected] and "Traceback" not in captured.err
     if resumable:
         monkeypatch.undo()
@@ -1211,3 +1211,17 @@ def test_torchrun_a_lost_rank_ends_the_other_with_one_line(setup, tmp_path, how)
     assert last == f"error: rank 1 lost ({cause}); continue with --resume (checkpoint: {checkpoint})", err[-3000:]
     assert "Traceback" not in err
     load_checkpoint(str(checkpoint), config.parse(argv).flags(), config.fixed_settings(), config.RunConfig().flags())
+
+
+def test_a_stop_while_a_resumed_run_sets_up_points_to_its_checkpoint(setup, interrupted, tmp_path, monkeypatch,
+                                                                   capsys):
+    import signal
+
+    import task_data
+
+    out = copy_of(interrupted, tmp_path / "out")
+    signal_when(monkeypatch, task_data, "encode_dataset", signal.SIGTERM)
+    assert train.main(arguments(setup, out, "--resume", "--cache_dir", str(tmp_path / "cache"))) == 143
+    assert capsys.readouterr().err.split("\r")[-1] == \
+        f"stopped by SIGTERM; continue with --resume (checkpoint: {out / 'save' / 'run' / 'checkpoint.pt'})\n"
+    assert final_state(out)["n_updates"] == 3  # untouched
