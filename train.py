@@ -214,6 +214,7 @@ class Run:
         """A resumable checkpoint from host copies, written in the background (atomic). Every rank calls
         it (their generators are gathered); rank 0 writes."""
         ranks = rank_generators(self.runtime) if self.runtime.world > 1 else None
+        self.stop.resumable = True
         if not self.runtime.main:
             return
         progress = self.progress
@@ -228,7 +229,6 @@ class Run:
                          inputs={name: fingerprint for name, (fingerprint, _) in self.inputs().items()},
                          args=self.cfg.flags())
             self.writer.submit(save_checkpoint, state, self.cfg.checkpoint_path, self.spec)
-        self.stop.resumable = True
 
     # -- training ---------------------------------------------------------------------------------
     def train(self):
