@@ -2,9 +2,12 @@
 resumable run: model, optimizer, progress, every random generator), both written atomically from
 host copies in a background thread, both loaded without unpickling code, and both self-describing:
 they record the ModelSpec that rebuilds their model (sizes, head, classify token, special rows,
-n_ctx, the vocabulary's fingerprint) and the run's flags. Models from any file or folder: `load_model`.
+n_ctx, the vocabulary's fingerprint) and the run's flags. Each records the sha256 of its contents
+(computed in the writing thread), checked by every reader: a changed bit is one error line naming
+the file, never other weights. Models from any file or folder: `load_model`.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -17,7 +20,7 @@ import torch.distributed as dist
 
 from model_pytorch import LMModel, ModelSpec, build_model, make_config
 from text_utils import TextEncoder
-from utils import atomic_write
+from utils import WriteError, atomic_write
 from weights import WeightsError, load_openai_pretrained_model, pretrained_sizes
 
 BEST_PARAMS, CHECKPOINT = "best_params.safetensors", "checkpoint.pt"
@@ -28,8 +31,63 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path, saver=torch.save):
-    """`saver(obj, file)` through a temporary file and a rename: a crash never leaves a half-written file."""
-    atomic_write(path, lambda tmp: saver(obj, tmp))
+    """`saver(obj, file object)` through a temporary file and a rename: a crash never leaves a
+    half-written file. The file object keeps the operating system's error (no space left, file too
+    large): torch reports a failed write only as "unexpected pos"."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            recorder = _ErrorRecorder(f)
+            try:
+                saver(obj, recorder)
+            except Exception:
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
+    atomic_write(path, write)
+
+
+class _ErrorRecorder:
+    """A binary file that remembers the first OSError of its writes."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def content_digest(obj):
+    """sha256 of a (nested) state: each tensor's dtype, shape and bytes, every other value by type and
+    repr, dict entries in key order. hashlib releases the GIL on large tensors: a background writer
+    computes it while training goes on."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj):
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"T{flat.dtype}{tuple(obj.shape)}".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"K{key!r}".encode())
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"L{len(obj)}".encode())
+        for value in obj:
+            _feed(digest, value)
+    else:
+        digest.update(f"V{type(obj).__name__}:{obj!r}".encode())
 
 
 def host_copy(obj):
@@ -64,22 +122,30 @@ def load_model_state(model, state, source):
 
 class BackgroundWriter:
     """Writes files from host copies in one background thread, in order, so training does not
-    wait for the disk. `wait()` returns once all are written (and re-raises a failed write)."""
+    wait for the disk. `wait()` returns once all are written and `check()` at once; both re-raise
+    a failed write as one line naming its file (training calls `check()` before every update)."""
 
     def __init__(self):
         self._thread, self._error = None, None
 
-    def submit(self, write, *args):
+    def submit(self, write, state, path, *args):
+        """`write(state, path, *args)` in the background, once the previous write is done."""
         self.wait()
 
         def work():
             try:
-                write(*args)
-            except BaseException as err:  # reported by wait()
-                self._error = err
+                write(state, path, *args)
+            except BaseException as err:  # reported by wait() or check()
+                self._error = CheckpointError(str(err) if isinstance(err, WriteError) else
+                                              f"writing {path} failed: {err}")
 
         self._thread = threading.Thread(target=work, daemon=True)
         self._thread.start()
+
+    def check(self):
+        """Raise the error of a finished write, without waiting for one in progress."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
     def wait(self):
         if self._thread is not None:
@@ -87,26 +153,50 @@ class BackgroundWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise CheckpointError(f"writing a checkpoint failed: {err}")
+            raise err
 
 
 # ------------------------------------------------------------------------------------------------
 # The kept parameters and the run's checkpoint
 # ------------------------------------------------------------------------------------------------
 
-def save_best_params(state, path, spec, flags):
-    """The parameters as safetensors; the spec and the run's flags go into the file's metadata as JSON."""
-    from safetensors.torch import save_file
+SHA256 = "sha256"  # the key of a file's checksum: safetensors metadata, a checkpoint's entry
+BEST_PARAMS_KEYS = {"spec", "args", SHA256}
+CHECKPOINT_KEYS = {"model", "optimizer", "n_epochs", "n_updates", "update_in_epoch", "best_score", "epoch_rng",
+                   "rng", "log_lines", "log", "inputs", "args", "spec", SHA256}
 
+
+def save_best_params(state, path, spec, flags):
+    """The parameters as safetensors; the spec, the run's flags and the sha256 of them all go into
+    the file's metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in state.items()}
     metadata = {"spec": json.dumps(spec.to_dict()), "args": json.dumps(flags, default=str)}
-    atomic_save({k: v.contiguous() for k, v in state.items()}, path,
-                saver=lambda tensors, file: save_file(tensors, file, metadata=metadata))
+    metadata[SHA256] = content_digest(dict(tensors=tensors, metadata=metadata))
+    atomic_save(tensors, path, saver=lambda tensors, file: file.write(save(tensors, metadata=metadata)))
 
 
 def save_checkpoint(state, path, spec):
     """A resumable checkpoint (`state`: host copies of the model, optimizer, progress, generators and
-    flags under "args"), with the spec that rebuilds its model."""
-    atomic_save(dict(state, spec=json.dumps(spec.to_dict())), path)
+    flags under "args"), with the spec that rebuilds its model and the sha256 of it all."""
+    state = dict(state, spec=json.dumps(spec.to_dict()))
+    atomic_save(dict(state, **{SHA256: content_digest(state)}), path)
+
+
+def verify(saved, recorded, path, error, known):
+    """The checksum a file records against its contents: a mismatch, or keys that are not the
+    project's (a damaged key name), are one `error` line naming the file. Files without a
+    checksum (written before checksums, or elsewhere) are taken as they are."""
+    if recorded is None:
+        unknown = sorted(k for k in saved if k not in known) if isinstance(saved, dict) else []
+        if unknown and known & set(saved):
+            raise error(f"{path} is damaged: it holds the entry {unknown[0]!r}, which this project never "
+                        "writes (use another copy, or start again)")
+        return
+    if recorded != content_digest(saved):
+        raise error(f"{path} is damaged: its contents do not match the sha256 it records (a changed byte on "
+                    "the disk or in a copy); use another copy, or start again")
 
 
 def read_checkpoint(path):
@@ -120,12 +210,19 @@ def read_checkpoint(path):
             from safetensors.torch import load_file
 
             with safe_open(path, framework="pt") as f:  # reads the header only
-                recorded = f.metadata() or {}
-            saved = dict(model=load_file(path), **recorded)
+                metadata = f.metadata() or {}
+            tensors = load_file(path)
         else:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_verified(path, WeightsError)
+    except WeightsError:
+        raise
     except Exception as err:  # both libraries raise their own error types
-        raise WeightsError(f"{path}: cannot be read as a checkpoint ({err})") from None
+        raise WeightsError(f"{path}: cannot be read as a checkpoint ({first_line(err)})") from None
+    if path.endswith(".safetensors"):
+        recorded = metadata.pop(SHA256, None)
+        verify(dict(tensors=tensors, metadata=metadata) if recorded else metadata, recorded, path, WeightsError,
+               BEST_PARAMS_KEYS)
+        saved = dict(model=tensors, **metadata)
     if isinstance(saved, dict) and all(isinstance(v, torch.Tensor) for v in saved.values()):
         saved = dict(model=saved)  # a plain state dict from elsewhere
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
@@ -151,21 +248,63 @@ def _json(value, path, key):
     return value
 
 
-def load_checkpoint(path, flags, fixed, defaults):
+def load_checkpoint(path, flags, fixed, defaults, inputs=None):
     """A checkpoint to resume from; refused (one line) where a flag of `fixed` (the settings that fix
-    the run's shapes and numbers) differs from the run's `flags` (`defaults`: for older checkpoints)."""
+    the run's shapes and numbers) differs from the run's `flags` (`defaults`: for older checkpoints),
+    or where one of `inputs` ({name: (fingerprint, description)}: the data, the vocabulary) is not
+    the one the checkpoint recorded."""
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"--resume: {path} cannot be read as a checkpoint ({err})") from None
+    ckpt = load_verified(path, CheckpointError, "--resume: ")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("args"), dict):
+        raise CheckpointError(f"--resume: {path} is not a checkpoint of train.py (no recorded flags)")
     saved = ckpt["args"]
     changed = [k for k in fixed if saved.get(k, defaults.get(k)) != flags[k]]
     if changed:
         raise CheckpointError("--resume: the checkpoint was made with other settings: " + ", ".join(
             f"--{k} {saved.get(k, defaults.get(k))!r} (now {flags[k]!r})" for k in changed))
+    recorded = ckpt.get("inputs") or {}
+    changed = [what for name, (fingerprint, what) in (inputs or {}).items()
+               if recorded.get(name, fingerprint) != fingerprint]
+    if changed:
+        raise CheckpointError(f"--resume: {' and '.join(changed)} changed since the checkpoint was made; resume with "
+                              "the interrupted run's own inputs (or start a new run)")
     return ckpt
+
+
+def check_best_params(path, spec):
+    """The kept parameters a resumed run will predict with: readable, intact and of this model, now
+    rather than at the end of the run (and never replaced by other parameters)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: the best parameters {path} are missing; the checkpoint counts on them "
+                              "(restore the file, or resume without --submit)")
+    try:
+        recorded = read_checkpoint(path)[1]
+    except WeightsError as err:
+        raise CheckpointError(f"--resume: {err}") from None
+    if recorded is not None and recorded != spec:
+        raise CheckpointError(f"--resume: the best parameters {path} are of another model than the checkpoint's")
+
+
+def first_line(err):
+    """A library's error in one line: torch's unpickler explains itself over many, its cause on one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if line.endswith("WeightsUnpickler error:"):
+            return lines[i + 1][:300]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def load_verified(path, error, prefix=""):
+    """A torch checkpoint file, loaded without unpickling code and checked against its checksum."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise error(f"{prefix}{path} cannot be read as a checkpoint ({first_line(err)})") from None
+    if isinstance(saved, dict):
+        verify({k: v for k, v in saved.items() if k != SHA256}, saved.pop(SHA256, None), path, error,
+               CHECKPOINT_KEYS)
+    return saved
 
 
 # ------------------------------------------------------------------------------------------------

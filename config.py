@@ -77,6 +77,9 @@ class RunConfig:
                               + ", ".join(f"--{k} {v}" for k, v in DEMO_PRESETS.items() if not isinstance(v, bool)),
                        "io")
     demo_dir: str = _flag("demo_run/", "with --demo, every input and output goes here", "io")
+    dist_timeout: float = _flag(10.0, "torchrun: minutes a process waits for the others at an exchange before the "
+                                      "job ends with 'rank N lost' (rank 0 alone evaluates and checkpoints "
+                                      "meanwhile: keep it above the longest evaluation)", "io")
     stop_after_updates: int | None = _flag(None, argparse.SUPPRESS, "io")  # tests: an interrupt
 
     # -- where the run reads and writes ----------------------------------------------------------
@@ -203,6 +206,7 @@ def check(a):
         ("micro_batch", a["micro_batch"] is None or a["micro_batch"] >= 1, "at least 1"),
         ("threads", a["threads"] is None or a["threads"] >= 1, "at least 1"),
         ("stop_after_updates", a["stop_after_updates"] is None or a["stop_after_updates"] >= 1, "at least 1"),
+        ("dist_timeout", a["dist_timeout"] > 0 and np.isfinite(a["dist_timeout"]), "a finite number of minutes > 0"),
     ] + [(name, 0 <= a[name] < 1, "in [0, 1)") for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "clf_pdrop")]
     for name, ok, expected in rules:
         if not ok:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from utils import json_lines, parse_json, read_text_file
+from utils import atomic_write_text, json_lines, parse_json, read_text_file
 
 SEED = 3535999445  # the original's split seed
 ROC_VAL = "cloze_test_val__spring2016 - cloze_test_ALL_val.csv"
@@ -379,6 +379,12 @@ def read_race(folder, source, task):
     if not labels:  # files whose question lists are all empty: an empty split would fail deep in training
         raise DataError(f"{folder}: no questions in {' or '.join(source.files)}")
     return Split((articles, questions, *options), task.label_array(labels), source.title, groups=groups)
+
+
+def write_submission(rows, path):
+    """A submission file as GLUE's server takes it: `index<TAB>prediction` lines from (index,
+    prediction) pairs under a header, written atomically."""
+    atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in rows))
 
 
 # ------------------------------------------------------------------------------------------------

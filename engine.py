@@ -11,6 +11,7 @@ on the host and the loss is read one update late (docs/speed.md).
 
 import contextlib
 import ctypes
+import datetime
 import os
 import platform
 import signal
@@ -51,8 +52,10 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def setup_runtime(device_name, n_gpu):
-    """This process's device, and its rank among torchrun's processes (the process group joined)."""
+def setup_runtime(device_name, n_gpu, timeout_minutes=10.0, threads=None):
+    """This process's device, and its rank among torchrun's processes (the process group joined, its
+    exchanges ending with an error after `timeout_minutes` without an answer); on a CPU, malloc keeps
+    freed memory and `threads` (else set_cpu_threads' default) compute."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         device = resolve_device(device_name)
@@ -60,6 +63,7 @@ def setup_runtime(device_name, n_gpu):
         raise RunError(str(err)) from None
     if device.type == "cpu":
         keep_freed_host_memory()
+        set_cpu_threads(threads)
     if world == 1:
         return Runtime(device)
     if n_gpu % world:
@@ -69,8 +73,61 @@ def setup_runtime(device_name, n_gpu):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return Runtime(device, rank, world)
+
+
+class PeerLost(RunError):
+    """Another process of a torchrun job died or stopped answering."""
+
+
+COMMUNICATION_FAILURES = ("gloo", "NCCL", "Connection reset", "Connection closed", "Connection refused",
+                          "Broken pipe", "Timed out", "timed out")
+
+
+@contextlib.contextmanager
+def peers_watched(runtime, stop):
+    """Under torchrun, an exchange that fails because another process was lost (killed: its
+    connection closed; stopped: --dist_timeout) becomes one PeerLost line on every other process."""
+    try:
+        yield
+    except RuntimeError as err:
+        lost = peer_failure(err, runtime, stop)
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def peer_failure(err, runtime, stop):
+    """A PeerLost naming the processes that do not answer, where `err` is a failed exchange of a
+    multi-process run; else None. The survivors each mark themselves present in the job's store
+    and wait a moment: the ranks still unmarked are the lost ones (a blocked or dead process cannot
+    mark itself). Signals are only noted from then on (torchrun's agent sends SIGTERM meanwhile)."""
+    if runtime.world == 1 or isinstance(err, RunError) or not (
+            isinstance(err, dist.DistError) or any(word in str(err) for word in COMMUNICATION_FAILURES)):
+        return None
+    stop.hold()
+    cause = "no answer within --dist_timeout" if "timed out" in str(err).lower() else "its connection closed"
+    lost = silent_ranks(runtime)
+    who = f"rank {', '.join(map(str, lost))}" if lost else "another process"
+    return PeerLost(f"{who} lost ({cause})")
+
+
+def silent_ranks(runtime, wait=3.0):
+    """The ranks that do not mark themselves present in the job's store within `wait` seconds."""
+    prefix = f"present/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(prefix + str(runtime.rank), "1")
+        deadline = time.monotonic() + wait
+        while True:
+            silent = [r for r in range(runtime.world) if not store.check([prefix + str(r)])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, ValueError):  # the store itself is gone (it lived in a lost process)
+        return []
 
 
 def keep_freed_host_memory():
@@ -128,14 +185,27 @@ class PhaseTimes:
         return "time: " + ", ".join(parts)
 
 
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM where the run cannot finish its step first: it ends at once (a BaseException,
+    as KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopRequest:
-    """Ctrl-C / SIGTERM: finish the current update, save a resumable checkpoint, then exit.
-    Under torchrun the request travels with the update's loss, so every process stops after the
-    same update."""
+    """Ctrl-C / SIGTERM for the whole of a run: set-up, encoding, training, evaluation, prediction.
+
+    Inside `deferred()` (the epochs: updates, evaluation, checkpoint) a signal asks to stop after
+    the current update, with a resumable checkpoint; a second one stops at once. Elsewhere a signal
+    stops at once (raises Stopped). Under torchrun the request travels with the update's loss, so
+    every process stops after the same update. `exit_code`: 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM; 130 for a stop asked otherwise)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = {}
+        self.requested, self.signum, self.resumable = False, None, False
+        self._deferring, self._holding, self._previous = False, False, {}
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,14 +213,44 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write(f"signal {signum}: saving a checkpoint after this update (again to stop at once)")
+        self.signum = self.signum or signum
+        if self._holding:
+            return
+        if self._deferring and not self.requested:
+            self.requested = True
+            tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint after this update (again to stop at once)")
+            return
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals inside ask to stop after the current update instead of stopping at once."""
+        self._deferring = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+
+    def hold(self):
+        """From now on signals are only noted: the run is ending on its own (a lost peer's report)."""
+        self._holding = True
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def any_rank(flag, runtime):
+    """Whether `flag` is true on any process (every process gets the same answer)."""
+    if runtime.world == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(value)
+    return value.item() > 0
 
 
 class LateReader:

@@ -16,6 +16,7 @@ import sys
 from checkpoints import load_with_vocabulary
 from synthetic import demo_files
 from text_utils import VocabularyError
+from utils import WriteError
 from weights import ExportError, WeightsError, save_hf_checkpoint  # noqa: F401  (the library entry)
 
 
@@ -52,7 +53,7 @@ def main(argv=None):
                                                          head=None if args.lm_only else "auto", n_head=n_head,
                                                          n_special=args.n_special)
         save_hf_checkpoint(model, text_encoder, args.out, args.special_tokens or spec.special_tokens or None)
-    except (ExportError, WeightsError, VocabularyError) as err:
+    except (ExportError, WeightsError, VocabularyError, WriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     kind = "OpenAIGPTDoubleHeadsModel" if hasattr(model, "task_head") else "OpenAIGPTLMHeadModel"

@@ -4,6 +4,7 @@ token sequences (the paper's Figure 1, cut to n_ctx) and laid out as the arrays 
 import hashlib
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +19,15 @@ from utils import atomic_write, encode_dataset
 @dataclass
 class TaskData:
     """A task's encoded splits as arrays: name -> (X [n, sequences, T, 2], M [n, sequences, T], labels
-    (zeros where a split has none)), in the order the task reads them, and each split as read
-    (titles, labels, submission names)."""
+    (zeros where a split has none)), in the order the task reads them, each split as read (titles,
+    labels, submission names), and the fingerprint of the data as read (checkpoints record it)."""
 
     task: Task
     splits: dict
     specials: Specials
     n_ctx: int
     read: dict
+    fingerprint: str = ""
 
 
 def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=print):
@@ -36,7 +38,8 @@ def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=p
     for split in read.values():
         for line in split.notes:
             note(line)
-    encoded = encode_cached([split.texts for split in read.values()], text_encoder, cache_dir)
+    fingerprint = data_fingerprint(read)
+    encoded = encode_cached([split.texts for split in read.values()], text_encoder, cache_dir, fingerprint)
     specials = add_specials(text_encoder, task.special_tokens)
     sequences, n_cut = {}, 0
     for name, texts in zip(read, encoded):
@@ -52,31 +55,40 @@ def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=p
     for name, split in read.items():
         labels = split.labels if split.labels is not None else np.zeros(len(sequences[name]), np.int64)
         splits[name] = (*to_arrays(sequences[name], n_ctx, specials.n_vocab + specials.n_special), labels)
-    return TaskData(task, splits, specials, n_ctx, read)
+    return TaskData(task, splits, specials, n_ctx, read, fingerprint)
 
 
-def encode_cached(splits, text_encoder, cache_dir):
-    """`encode_dataset` of the splits, cached on disk under a key made of the texts themselves and
-    the vocabulary files: a change to either encodes again. Stored as flat int arrays (no pickle)."""
-    digest = hashlib.sha256(vocabulary_key(text_encoder).encode())
-    text_fields = []
-    for s, split in enumerate(splits):
-        for k, values in enumerate(split):
-            if len(values) and isinstance(values[0], str):
-                text_fields.append((s, k))
-                digest.update(f"\0{s}/{k}/{len(values)}\0".encode())
-                digest.update("\0".join(values).encode("utf-8", "surrogatepass"))
-    path = os.path.join(cache_dir, f"{digest.hexdigest()[:32]}.npz") if cache_dir else None
+def data_fingerprint(read):
+    """sha256 of every split as read (its name, texts, labels and index): --resume refuses data that
+    changed under a checkpoint, and the encoding cache is keyed by it."""
+    digest = hashlib.sha256()
+    for name, split in read.items():
+        digest.update(f"\0{name}/{len(split.texts)}\0".encode())
+        for values in split.texts:
+            digest.update(f"\0{len(values)}\0".encode())
+            digest.update("\0".join(values).encode("utf-8", "surrogatepass"))
+        if split.labels is not None:
+            labels = np.ascontiguousarray(split.labels)
+            digest.update(f"\0{labels.dtype}{labels.shape}\0".encode() + labels.tobytes())
+        if split.index is not None:
+            digest.update(repr([str(i) for i in split.index]).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def encode_cached(splits, text_encoder, cache_dir, fingerprint):
+    """`encode_dataset` of the splits, cached on disk under a key made of the data's fingerprint and
+    the vocabulary: a change to either encodes again. Stored as flat int arrays (no pickle); a
+    damaged cache file is a warning, encoded again and rewritten."""
+    key = hashlib.sha256(f"{fingerprint}\n{vocabulary_key(text_encoder)}".encode()).hexdigest()
+    text_fields = [(s, k) for s, split in enumerate(splits) for k, values in enumerate(split)
+                   if len(values) and isinstance(values[0], str)]
+    path = os.path.join(cache_dir, f"{key[:32]}.npz") if cache_dir else None
     if path and os.path.exists(path):
         try:
-            with np.load(path, allow_pickle=False) as stored:
-                encoded = [list(split) for split in splits]
-                for s, k in text_fields:
-                    ids, offsets = stored[f"{s}_{k}_ids"], stored[f"{s}_{k}_offsets"]
-                    encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
-                return encoded
-        except (OSError, KeyError, ValueError):
-            pass  # a damaged cache file is encoded again and rewritten
+            return _read_cache(path, splits, text_fields)
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+            print(f"warning: the encoding cache {path} is damaged ({cause}); encoding again", file=sys.stderr)
     encoded = encode_dataset(*splits, encoder=text_encoder)
     if path:
         arrays = {}
@@ -87,8 +99,22 @@ def encode_cached(splits, text_encoder, cache_dir):
         try:
             atomic_write(path, lambda tmp: _save_npz(arrays, tmp))
         except OSError as err:  # the cache only saves time: the run goes on without it
-            print(f"warning: could not write the encoding cache {path} ({err.strerror or err}); "
-                  f"encoding again next run", file=sys.stderr)
+            print(f"warning: could not write the encoding cache {path} ({getattr(err, 'cause', err)}); "
+                  "encoding again next run", file=sys.stderr)
+    return encoded
+
+
+def _read_cache(path, splits, text_fields):
+    """The encoded splits stored at `path` (zip's CRC-32 checks every byte); ValueError where its
+    arrays do not fit the texts."""
+    encoded = [list(split) for split in splits]
+    with np.load(path, allow_pickle=False) as stored:
+        for s, k in text_fields:
+            ids, offsets = stored[f"{s}_{k}_ids"], stored[f"{s}_{k}_offsets"]
+            if len(offsets) != len(splits[s][k]) + 1 or offsets[0] != 0 or offsets[-1] != len(ids) or \
+                    (np.diff(offsets) < 0).any():
+                raise ValueError(f"the arrays of field {s}/{k} do not fit its {len(splits[s][k])} texts")
+            encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
     return encoded
 
 

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from itertools import chain
 
@@ -153,7 +154,10 @@ _worker_encoder = None  # the TextEncoder of a worker process (set once by _star
 
 
 def _start_worker(encoder):
+    """A worker leaves Ctrl-C and SIGTERM to its parent, which ends the pool (no worker tracebacks)."""
     global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_encoder = encoder
 
 
@@ -175,6 +179,28 @@ class ComputedOnce(dict):
 
 class VocabularyError(ValueError):
     """A vocabulary file is missing or malformed."""
+
+
+# OpenAI's vocabulary files, shipped in model/ (model/README.md lists the same sums): known to the
+# byte, so a file of either name that differs by one bit is refused instead of giving other ids.
+# A vocabulary learned with learn_bpe has other names; weights record its fingerprint instead.
+OPENAI_VOCABULARY_SHA256 = {
+    "encoder_bpe_40000.json": "fdf49b19e7de236852091da09b84a7a3cd5e7b0e79916376cf45f6b8127b8078",
+    "vocab_40000.bpe": "0ea9b51ae695073cd871e0358f7016311d671a7ff3963e367d5236522f294725",
+}
+
+
+def check_openai_file(path):
+    """A file named as one of OpenAI's vocabulary files must be that file, byte for byte."""
+    name = os.path.basename(path)
+    expected = OPENAI_VOCABULARY_SHA256.get(name)
+    if expected is None or not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        found = hashlib.sha256(f.read()).hexdigest()
+    if found != expected:
+        raise VocabularyError(f"{path} is not OpenAI's {name}: its sha256 is {found[:16]}..., the released file's "
+                              f"{expected[:16]}... (damaged or changed); get it again (model/README.md)")
 
 
 def load_encoder(path):
@@ -219,6 +245,8 @@ class TextEncoder:
         encoder_path = _resolve(encoder_path, "vocab.json")
         bpe_path = _resolve(bpe_path, "merges.txt")
         self.paths = (encoder_path, bpe_path)
+        for path in self.paths:
+            check_openai_file(path)
         self.encoder = load_encoder(encoder_path)
         self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
         self.bpe_ranks = load_merges(bpe_path)

@@ -11,8 +11,8 @@ task_data.py's, the update and evaluation engine.py's, the files checkpoints.py'
 
 import os
 import random
+import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -27,6 +27,7 @@ from batches import BatchError, check_split
 from checkpoints import (
     BackgroundWriter,
     CheckpointError,
+    check_best_params,
     host_copy,
     load_checkpoint,
     load_model_state,
@@ -41,15 +42,27 @@ from checkpoints import (
     save_best_params,
     save_checkpoint,
 )
-from datasets import DataError
-from engine import LateReader, PhaseTimes, RunError, StopRequest, Trainer, set_cpu_threads, setup_runtime
+from datasets import DataError, write_submission
+from engine import (
+    LateReader,
+    PeerLost,
+    PhaseTimes,
+    RunError,
+    Stopped,
+    StopRequest,
+    Trainer,
+    any_rank,
+    peers_watched,
+    setup_runtime,
+)
 from metrics import METRIC_KEYS
 from model_pytorch import ModelSpec, build_model
+from run_folder import RunFolderError, claimed
 from synthetic import write_demo_files
 from task_data import load_task_data
 from tasks import get_task
 from text_utils import TextEncoder, VocabularyError
-from utils import ResultLogger, atomic_write_text
+from utils import ResultLogger, WriteError
 from weights import (
     ExportError,
     WeightsError,
@@ -61,7 +74,7 @@ from weights import (
 
 LOG_UPDATES = (1000, 2000, 4000, 8000, 16000, 32000)  # extra log points during the first epoch
 ERRORS = (RunError, config.ConfigError, DataError, BatchError, VocabularyError, WeightsError, CheckpointError,
-          ExportError)
+          ExportError, RunFolderError, WriteError)
 
 
 @dataclass
@@ -77,12 +90,13 @@ class Run:
     """One fine-tuning run: set up from its frozen settings, then trained epoch by epoch, evaluated,
     checkpointed, and finished by the task's predictions and report. Rank 0 alone writes files."""
 
-    def __init__(self, cfg, runtime, times):
+    def __init__(self, cfg, runtime, times, stop=None):
         """Seeds, data, model with its pre-trained weights, optimizer and engine: ready for the first update.
 
         One numpy generator, seeded with --seed, serves as the TF script's global one: its first draw
-        is the special-token rows, then it shuffles every epoch (docs/reference.md §5)."""
-        self.cfg, self.runtime, self.times = cfg, runtime, times
+        is the special-token rows, then it shuffles every epoch (docs/reference.md §5). `stop`: the
+        process's StopRequest (signals)."""
+        self.cfg, self.runtime, self.times, self.stop = cfg, runtime, times, stop or StopRequest()
         self.progress, self.writer, self.logger, self.columns_named = Progress(), BackgroundWriter(), None, False
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + runtime.rank)
@@ -132,10 +146,13 @@ class Run:
     def resume(self):
         """The model, optimizer, progress and every generator as the checkpoint left them."""
         cfg, runtime = self.cfg, self.runtime
-        ckpt = load_checkpoint(cfg.checkpoint_path, cfg.flags(), config.fixed_settings(), config.RunConfig().flags())
+        ckpt = load_checkpoint(cfg.checkpoint_path, cfg.flags(), config.fixed_settings(), config.RunConfig().flags(),
+                               self.inputs())
         if not os.path.exists(cfg.log_path):  # checked on every rank: the checkpoint continues the log it counted
             raise RunError(f"--resume: the run's log {cfg.log_path} is missing; the checkpoint continues that log "
                            "(give the --log_dir and --desc of the interrupted run)")
+        if cfg.submit and ckpt["best_score"] > float("-inf"):  # needed at the end: checked now, never replaced
+            check_best_params(cfg.best_path, self.spec)
         load_model_state(self.model, ckpt["model"], cfg.checkpoint_path)
         self.trainer.opt.load_state_dict(ckpt["optimizer"])
         self.progress = Progress(ckpt["n_epochs"], ckpt["n_updates"], ckpt["update_in_epoch"], ckpt["best_score"],
@@ -149,18 +166,24 @@ class Run:
             restore_rank_generators(ranks[runtime.rank], runtime.device)
         elif runtime.world > 1:  # another number of processes: one new stream per rank
             torch.manual_seed(cfg.seed + runtime.rank + 1_000_003 * self.progress.n_updates)
-        if cfg.submit and not os.path.exists(cfg.best_path):
-            self.progress.best_score = float("-inf")
+        if cfg.submit and self.progress.best_score == float("-inf") and not os.path.exists(cfg.best_path):
             if runtime.main:
                 tqdm.write("--submit added on resume: the best parameters are kept from the next evaluation on")
+        self.stop.resumable = True
         return ckpt
+
+    def inputs(self):
+        """What the run was made from, as --resume compares it: {name: (fingerprint, how to name it)}."""
+        cfg = self.cfg
+        return dict(data=(self.data.fingerprint, f"the data in {cfg.data_dir}"),
+                    vocabulary=(self.text_encoder.fingerprint(), f"the vocabulary {cfg.encoder_path} / {cfg.bpe_path}"))
 
     def start_log(self, ckpt):
         """Rank 0's log (continued on resume) and the run's summary line. (The best parameters are
         written at the first evaluation: a run stopped before it leaves none that were never chosen.)"""
         cfg, data = self.cfg, self.data
         if ckpt:
-            self.logger = ResultLogger.reopen(cfg.log_path, keep_lines=ckpt["log_lines"])
+            self.logger = ResultLogger.reopen(cfg.log_path, ckpt["log_lines"], ckpt.get("log"), RunError)
         else:
             self.logger = ResultLogger(cfg.log_path, **cfg.flags())
         sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
@@ -196,26 +219,30 @@ class Run:
         """A resumable checkpoint from host copies, written in the background (atomic). Every rank calls
         it (their generators are gathered); rank 0 writes."""
         ranks = rank_generators(self.runtime) if self.runtime.world > 1 else None
+        self.stop.resumable = True
         if not self.runtime.main:
             return
         progress = self.progress
         with self.times("checkpoint writing"):
             rng = dict(rng_state(self.data_rng), **({"ranks": ranks} if ranks else {}))
-            with open(self.cfg.log_path) as f:
-                log_lines = sum(1 for _ in f)
+            with open(self.cfg.log_path, encoding="utf-8") as f:
+                log = f.read()
             state = dict(model=host_copy(model_state(self.model)), optimizer=host_copy(self.trainer.opt.state_dict()),
                          n_epochs=progress.n_epochs, n_updates=progress.n_updates,
                          update_in_epoch=progress.update_in_epoch, best_score=progress.best_score,
-                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log_lines, args=self.cfg.flags(),
-                         threads=torch.get_num_threads())
+                         epoch_rng=progress.epoch_rng, rng=rng, log_lines=log.count("\n"), log=log,
+                         inputs={name: fingerprint for name, (fingerprint, _) in self.inputs().items()},
+                         args=self.cfg.flags(), threads=torch.get_num_threads())
             self.writer.submit(save_checkpoint, state, self.cfg.checkpoint_path, self.spec)
 
     # -- training ---------------------------------------------------------------------------------
     def train(self):
-        """Every epoch, with a log point and a checkpoint after each; returns True if stopped early."""
+        """Every epoch, with a log point and a checkpoint after each; returns True if stopped early
+        (a stop asked during an evaluation too, the last epoch's included: the run then predicts on
+        --resume)."""
         progress, reader = self.progress, LateReader(self.runtime.device)
         n_batches = len(self.data.splits["train"][0]) // self.cfg.batch_size
-        with StopRequest() as stop:
+        with self.stop.deferred() as stop:
             while progress.n_epochs < self.cfg.n_iter:
                 stopped = self.train_epoch(stop, reader)
                 if stopped and progress.update_in_epoch < n_batches:
@@ -226,7 +253,7 @@ class Run:
                 if self.runtime.main:
                     self.log_point()
                 self.save_checkpoint()
-                if stopped:
+                if any_rank(stopped or stop.requested, self.runtime):
                     return True
         return False
 
@@ -247,6 +274,7 @@ class Run:
         try:
             for b in range(progress.update_in_epoch, n_batches):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                self.writer.check()  # a failed background write is reported before the next update
                 values = trainer.update(X[idx], M[idx], Y[idx], stop_requested=stop.requested)
                 progress.n_updates += 1
                 progress.update_in_epoch += 1
@@ -307,31 +335,11 @@ def epoch_order(rng, n):
     return shuffle(np.arange(n), random_state=rng)
 
 
-def write_submission(rows, path):
-    """`index<TAB>prediction` lines from (index, prediction) pairs, written atomically."""
-    atomic_write_text(path, "index\tprediction\n" + "".join(f"{i}\t{p}\n" for i, p in rows))
-
-
-def check_output_folders(cfg):
-    """Make the folders the run writes to and write a file in each, before any work: a run must not
-    train for hours and then fail on its log, checkpoint or submission folder."""
-    folders = [cfg.log_dir, cfg.save_dir] + ([cfg.submission_dir] if cfg.submit or cfg.analysis else [])
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as err:
-            raise RunError(f"cannot write to the output folder {folder}: {err.strerror or err}") from None
-
-
-def run(cfg, runtime, t_start):
+def run(cfg, runtime, t_start, stop=None):
     """Set-up, resume, the epochs (each: updates, evaluation, checkpoint), then the task's outputs."""
     times = PhaseTimes(runtime)
     times.add("start-up", time.time() - t_start)
-    if runtime.main:
-        check_output_folders(cfg)
-    fine_tune = Run(cfg, runtime, times)
+    fine_tune = Run(cfg, runtime, times, stop)
     ckpt = fine_tune.resume() if cfg.resume else None
     try:
         if runtime.main:
@@ -341,13 +349,13 @@ def run(cfg, runtime, t_start):
     finally:
         if fine_tune.logger:
             fine_tune.logger.close()
-        if runtime.world > 1:
-            dist.barrier()
+    if runtime.world > 1:
+        dist.barrier()
     if stopped:
         if runtime.main:
             tqdm.write(f"stopped after {fine_tune.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {cfg.checkpoint_path})")
-        return 130
+        return fine_tune.stop.exit_code
     if runtime.main:
         fine_tune.finish()
         for line in fine_tune.trainer.compile_report(times.seconds.get("training", 0.0)):
@@ -358,22 +366,32 @@ def run(cfg, runtime, t_start):
 
 
 def main(argv=None):
+    """Exit status: 0 done, 1 an error (one line), 130 / 143 stopped by Ctrl-C / SIGTERM (one line)."""
     t_start = time.time()
-    runtime = None
-    try:
-        cfg = config.parse(argv)
-        if cfg.demo:
-            write_demo_files(cfg)
-        runtime = setup_runtime(cfg.device, cfg.n_gpu)
-        if runtime.device.type == "cpu":
-            set_cpu_threads(cfg.threads)
-        return run(cfg, runtime, t_start)
-    except ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if runtime is not None and runtime.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    runtime, cfg = None, None
+    with StopRequest() as stop:  # from here to the end, a signal is one line and exit 130 / 143
+        try:
+            cfg = config.parse(argv)
+            if cfg.demo:
+                write_demo_files(cfg)
+            runtime = setup_runtime(cfg.device, cfg.n_gpu, cfg.dist_timeout, cfg.threads)
+            with claimed(cfg, runtime.main), peers_watched(runtime, stop):  # folders writable, locked, cleared
+                return run(cfg, runtime, t_start, stop)
+        except ERRORS as err:
+            print(f"error: {err}" + (f"; {resume_hint(cfg, stop)}" if isinstance(err, PeerLost) else ""),
+                  file=sys.stderr)
+            return 1
+        except Stopped as stopped:
+            print(f"stopped by {signal.Signals(stopped.signum).name}; {resume_hint(cfg, stop)}", file=sys.stderr)
+            return stop.exit_code
+        finally:
+            if runtime is not None and runtime.world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def resume_hint(cfg, stop):
+    resumable = stop.resumable or (cfg is not None and cfg.resume and os.path.exists(cfg.checkpoint_path))
+    return f"continue with --resume (checkpoint: {cfg.checkpoint_path})" if resumable else "nothing to resume"
 
 
 if __name__ == "__main__":

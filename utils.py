@@ -82,19 +82,35 @@ def json_lines(text, path, error=ValueError):
     return [(n, parse_json(line, path, error, line=n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
+class WriteError(OSError):
+    """A file that could not be written, as one line naming it and the cause (no space left,
+    permission denied, file too large)."""
+
+    def __init__(self, path, cause):
+        super().__init__(f"cannot write {path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)\.(?P<thread>\d+)$")  # atomic_write's temporaries
+
+
 def atomic_write(path, write):
     """Run `write(temporary path)`, flush it to disk, then rename it to `path`: a crash never leaves a
-    half-written file. A failed write removes its temporary file."""
-    make_path(path)
+    half-written file. A failed write removes its temporary file; an OSError becomes a WriteError
+    naming `path`. The temporary's name holds the writer's process id (TEMPORARY): what a killed
+    process leaves is recognised and removed later (run_folder.remove_dead_temporaries)."""
     tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
     try:
+        make_path(path)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err.strerror or err) from None
         raise
 
 
@@ -153,25 +169,43 @@ class ResultLogger:
     flushed at once. `ResultLogger.reopen` continues an existing log (resumed runs)."""
 
     def __init__(self, path, *args, **kwargs):
-        self.f_log = open(make_path(path), "w")
+        self.path = path
+        try:
+            self.f_log = open(make_path(path), "w", encoding="utf-8")
+        except OSError as err:
+            raise WriteError(path, err.strerror or err) from None
         kwargs.setdefault("time", time.time())
         self._write(kwargs)
 
     @classmethod
-    def reopen(cls, path, keep_lines=None):
-        """Append to the log at `path`, first dropping any line after the first `keep_lines`."""
-        if keep_lines is not None:
-            with open(path) as f:
-                lines = f.readlines()[:keep_lines]
-            with open(path, "w") as f:
-                f.writelines(lines)
+    def reopen(cls, path, keep_lines, kept=None, error=ValueError):
+        """Continue the log at `path` from the lines a checkpoint counted: `kept`, their text as the
+        checkpoint holds it (a log damaged since is restored from it, with a warning), else the
+        log's own first `keep_lines` lines (an `error` where it has fewer). The log is rewritten
+        through a temporary file and a rename: a crash leaves the old log or the new, never a cut one."""
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        if kept is None:
+            lines = text.splitlines(keepends=True)
+            if len(lines) < keep_lines:
+                raise error(f"the log {path} holds {len(lines)} lines but the checkpoint counted {keep_lines}: it "
+                            "was cut or damaged since")
+            kept = "".join(lines[:keep_lines])
+        elif not text.startswith(kept):
+            print(f"warning: the log {path} does not hold the {keep_lines} lines the checkpoint counted (cut or "
+                  "damaged): rewritten from the checkpoint's copy", file=sys.stderr)
+        atomic_write_text(path, kept)
         logger = cls.__new__(cls)
-        logger.f_log = open(path, "a")
+        logger.path, logger.f_log = path, open(path, "a", encoding="utf-8")
         return logger
 
     def _write(self, record):
-        self.f_log.write(json.dumps(record) + "\n")
-        self.f_log.flush()
+        """One line, flushed; a failed write (no space left) is a WriteError naming the log."""
+        try:
+            self.f_log.write(json.dumps(record) + "\n")
+            self.f_log.flush()
+        except OSError as err:
+            raise WriteError(self.path, err.strerror or err) from None
 
     def log(self, **kwargs):
         kwargs.setdefault("time", time.time())

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from utils import read_json
+from utils import atomic_write, atomic_write_text, read_json
 
 N_VOCAB = 40478  # rows of OpenAI's token table
 N_SHARDS = 10  # OpenAI's weights come as params_0.npy ... params_9.npy
@@ -444,17 +444,22 @@ def hf_config(cfg, n_token_rows, n_positions, double_heads=False):
 
 
 def _write_hf(path, config, state, fmt="safetensors"):
-    from safetensors.torch import save_file
+    """config.json and the weights, each written atomically (a failed write: a WriteError naming it)."""
+    from safetensors.torch import save
 
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if fmt == "safetensors":
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    elif fmt == "bin":
-        torch.save(state, os.path.join(path, "pytorch_model.bin"))
-    else:
+    if fmt not in ("safetensors", "bin"):
         raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+    atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2))
+    if fmt == "safetensors":
+        data = save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+        atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: _write_bytes(tmp, data))
+    else:
+        atomic_write(os.path.join(path, "pytorch_model.bin"), lambda tmp: torch.save(state, tmp))
+
+
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def write_hf_weights(path, arrays, n_head, fmt="safetensors"):
@@ -501,11 +506,10 @@ def write_tokenizer(text_encoder, special_names, out_dir, n_ctx):
     """vocab.json and merges.txt (the base vocabulary, as OpenAI's files), the specials as added tokens."""
     n_vocab = text_encoder.n_vocab
     base = sorted(((i, piece) for piece, i in text_encoder.encoder.items() if i < n_vocab))
-    with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({piece: i for i, piece in base}, f, ensure_ascii=False)
+    atomic_write_text(os.path.join(out_dir, "vocab.json"), json.dumps({piece: i for i, piece in base},
+                                                                      ensure_ascii=False))
     merges = sorted(text_encoder.bpe_ranks, key=text_encoder.bpe_ranks.get)
-    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    atomic_write_text(os.path.join(out_dir, "merges.txt"), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     unknown = base[0][1]  # id 0, what an unknown piece becomes (docs/reference.md §4)
     specials = {name: n_vocab + k for k, name in enumerate(special_names)}
     added = {str(i): dict(content=name, lstrip=False, normalized=False, rstrip=False, single_word=False, special=True)
@@ -518,8 +522,7 @@ def write_tokenizer(text_encoder, special_names, out_dir, n_ctx):
         "added_tokens.json": specials,
     }
     for name, content in files.items():
-        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
-            json.dump(content, f, indent=2, ensure_ascii=False)
+        atomic_write_text(os.path.join(out_dir, name), json.dumps(content, indent=2, ensure_ascii=False))
 
 
 def save_hf_checkpoint(model, text_encoder, out_dir, special_tokens=None):

@@ -283,3 +283,13 @@ class SyncCounter:
 @pytest.fixture
 def sync_counter(monkeypatch):
     return SyncCounter(monkeypatch)
+
+
+def flip_bit(path, offset, bit=0):
+    """Flip one bit of the file at `path` in place (offset < 0: from the end)."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END if offset < 0 else os.SEEK_SET)
+        position = f.tell()
+        byte = f.read(1)[0]
+        f.seek(position)
+        f.write(bytes([byte ^ (1 << bit)]))

@@ -2,8 +2,10 @@
 vocabulary they were trained with; resume refuses other settings; writes are atomic and their
 failures reported; every generator comes back, also on a machine with fewer GPUs."""
 
+import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -109,12 +111,11 @@ def test_a_failed_background_write_is_reported_and_leaves_no_file(tmp_path):
     target = tmp_path / "x.pt"
 
     def no_space(obj, file):
-        with open(file, "wb") as f:
-            f.write(b"half")
+        file.write(b"half")
         raise OSError(28, "No space left on device")
 
     writer.submit(atomic_save, {"a": torch.ones(2)}, str(target), no_space)
-    with pytest.raises(CheckpointError, match="writing a checkpoint failed: .*No space left on device"):
+    with pytest.raises(CheckpointError, match=rf"^cannot write {target}: No space left on device$"):
         writer.wait()
     assert os.listdir(tmp_path) == []
     writer.submit(atomic_save, {"a": torch.ones(2)}, str(target))
@@ -136,3 +137,139 @@ def test_resume_with_more_cuda_states_than_devices(monkeypatch):
     restored.clear()
     restore_rng(state)
     assert restored == []
+
+
+# ----------------------------------------------------------------------------- integrity: checksums
+
+def written_files(vocabulary, tmp_path):
+    """best_params.safetensors and checkpoint.pt of a tiny model (with Adam's state), and the state of each."""
+    spec = spec_of(vocabulary, "multiple_choice")
+    torch.manual_seed(2)
+    model = build_model(spec)
+    opt = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    flags = dict(dataset="rocstories", n_head=4)
+    best, ckpt = str(tmp_path / "best_params.safetensors"), str(tmp_path / "checkpoint.pt")
+    save_best_params(host_copy(model_state(model)), best, spec, flags)
+    state = dict(model=host_copy(model_state(model)), optimizer=host_copy(opt.state_dict()), n_epochs=1, n_updates=5,
+                 update_in_epoch=0, best_score=61.5, rng=dict(python=list(random.getstate())), args=flags)
+    save_checkpoint(state, ckpt, spec)
+    return {best: read_checkpoint(best), ckpt: torch.load(ckpt, weights_only=True)}
+
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def load_as_every_reader(path):
+    """What each reader makes of the file: read_checkpoint (generate.py, export_hf.py, prediction) and,
+    for checkpoint.pt, --resume's load_checkpoint."""
+    loaded = [read_checkpoint(path)]
+    if path.endswith(".pt"):
+        loaded.append(load_checkpoint(path, dict(dataset="rocstories"), ["dataset"], {}))
+    return loaded
+
+
+@pytest.mark.parametrize("name", ["best_params.safetensors", "checkpoint.pt"])
+def test_a_single_flipped_bit_is_refused_in_one_line_or_changes_nothing(vocabulary, tmp_path, name):
+    """Bits flipped at random anywhere in the file (tensors, header, pickle, zip records): every reader
+    refuses the file in one line naming it, or reads exactly what was written (a padding byte)."""
+    written = written_files(vocabulary, tmp_path)
+    path = str(tmp_path / name)
+    original = open(path, "rb").read()
+    expected = written[path]
+    rng = random.Random(0)
+    refused = harmless = 0
+    for _ in range(150):
+        data = bytearray(original)
+        bit = rng.randrange(8 * len(data))
+        data[bit // 8] ^= 1 << (bit % 8)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            loaded = load_as_every_reader(path)
+        except (WeightsError, CheckpointError) as err:
+            assert path in str(err) and "\n" not in str(err), str(err)
+            refused += 1
+            continue
+        assert same(loaded[0], expected if name.endswith(".safetensors") else read_unflipped(original, path))
+        harmless += 1
+    print(f"{name}: {refused} flips refused, {harmless} harmless (the same contents read)")
+    assert refused >= 120  # the rest: zip padding and records torch does not read
+
+
+def read_unflipped(original, path):
+    with open(path + ".orig", "wb") as f:
+        f.write(original)
+    try:
+        return read_checkpoint(path + ".orig")
+    finally:
+        os.remove(path + ".orig")
+
+
+@pytest.mark.parametrize("name", ["best_params.safetensors", "checkpoint.pt"])
+def test_a_truncated_file_is_refused_in_one_line(vocabulary, tmp_path, name):
+    written_files(vocabulary, tmp_path)
+    path = str(tmp_path / name)
+    original = open(path, "rb").read()
+    for size in (0, 7, len(original) // 3, len(original) - 1):
+        with open(path, "wb") as f:
+            f.write(original[:size])
+        with pytest.raises((WeightsError, CheckpointError), match=rf"^{re.escape(path)}|^--resume: {re.escape(path)}"):
+            load_as_every_reader(path)
+
+
+def test_a_damaged_key_name_is_refused_and_files_without_a_checksum_still_load(vocabulary, tmp_path):
+    """A flip inside the name 'sha256' would leave a file without a checksum: an entry the project never
+    writes is refused. Older files without one (and files from elsewhere) load as they are."""
+    written_files(vocabulary, tmp_path)
+    path = str(tmp_path / "checkpoint.pt")
+    saved = torch.load(path, weights_only=True)
+    saved["sha257"] = saved.pop("sha256")
+    torch.save(saved, path)
+    with pytest.raises(WeightsError, match=r"is damaged: it holds the entry 'sha257', which this project never"):
+        read_checkpoint(path)
+    del saved["sha257"]
+    torch.save(saved, path)  # as written before checksums
+    assert same(read_checkpoint(path)[0], saved["model"])
+    from safetensors.torch import save_file
+
+    best = str(tmp_path / "best_params.safetensors")
+    state, spec, flags = read_checkpoint(best)
+    save_file(state, best, metadata={"spec": json.dumps(spec.to_dict()), "args": json.dumps(flags)})
+    assert read_checkpoint(best)[1] == spec
+    save_file(state, best, metadata={"spec": json.dumps(spec.to_dict()), "sha256x": "0"})
+    with pytest.raises(WeightsError, match=r"holds the entry 'sha256x'"):
+        read_checkpoint(best)
+    save_file(state, best, metadata={"format": "pt"})  # a plain file from elsewhere
+    assert same(read_checkpoint(best)[0], state)
+
+
+def test_the_checksum_is_the_sha256_of_the_contents_written_out(vocabulary, tmp_path):
+    """Written out here independently: sha256 over each entry in key order, tensors as dtype, shape, bytes."""
+    import hashlib
+
+    written_files(vocabulary, tmp_path)
+    from safetensors import safe_open
+
+    path = str(tmp_path / "best_params.safetensors")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    digest = hashlib.sha256(b"D2")
+    digest.update(b"K'metadata'D2")
+    for key in ("args", "spec"):
+        digest.update(f"K{key!r}V" f"str:{metadata[key]!r}".encode())
+    digest.update(f"K'tensors'D{len(tensors)}".encode())
+    for name in sorted(tensors, key=repr):
+        t = tensors[name]
+        digest.update(f"K{name!r}T{t.dtype}{tuple(t.shape)}".encode() + t.contiguous().numpy().tobytes())
+    assert metadata["sha256"] == digest.hexdigest()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import export_hf
 from checkpoints import host_copy, model_from_pretrained, model_state, save_best_params
-from conftest import TINY_HEADS, tiny_config
+from conftest import TINY_HEADS, flip_bit, tiny_config
 from generate import generate
 from model_pytorch import DoubleHeadModel, LMModel, ModelSpec
 from tasks import SPECIAL_TOKENS, add_specials
@@ -199,6 +199,39 @@ def test_export_command_from_a_fine_tuned_checkpoint(vocab, tmp_path, capsys):
     argv[1] = str(tmp_path / "plain.safetensors")
     assert export_hf.main(argv + ["--out", str(tmp_path / "x"), "--n_head", str(TINY_HEADS), "--n_special", "500"]) == 1
     assert "too few for n_vocab" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(vocab, tmp_path, capsys):
+    """One bit flipped in the weights: exit 1 and one line naming the file, nothing written (it exported other
+    weights silently)."""
+    enc = text_encoder(vocab)
+    spec = ModelSpec(tiny_config(), enc.n_vocab, 3, N_CTX, "multiple_choice", enc.n_vocab + 2, SPECIAL_TOKENS,
+                     enc.fingerprint())
+    best = tmp_path / "best_params.safetensors"
+    save_best_params(host_copy(model_state(double_model(enc.n_vocab))), str(best), spec, {})
+    flip_bit(best, -100, bit=3)
+    argv = ["--model_path", str(best), "--encoder_path", str(vocab[0]), "--bpe_path", str(vocab[1]),
+            "--out", str(tmp_path / "hf")]
+    assert export_hf.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {best} is damaged: its contents do not match the sha256 it records (a changed byte on the " \
+                  "disk or in a copy); use another copy, or start again\n"
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(vocab, tmp_path, capsys):
+    """It was an OSError traceback (a full disk, a read-only folder: here a file where the folder should go)."""
+    enc = text_encoder(vocab)
+    spec = ModelSpec(tiny_config(), enc.n_vocab, 3, N_CTX, "multiple_choice", enc.n_vocab + 2, SPECIAL_TOKENS,
+                     enc.fingerprint())
+    best = tmp_path / "best_params.safetensors"
+    save_best_params(host_copy(model_state(double_model(enc.n_vocab))), str(best), spec, {})
+    (tmp_path / "a_file").write_text("")
+    argv = ["--model_path", str(best), "--encoder_path", str(vocab[0]), "--bpe_path", str(vocab[1]),
+            "--out", str(tmp_path / "a_file" / "hf")]
+    assert export_hf.main(argv) == 1
+    assert capsys.readouterr().err == f"error: cannot write {tmp_path / 'a_file' / 'hf' / 'config.json'}: " \
+                                      "Not a directory\n"
 
 
 def test_heads_transformers_lacks_are_a_clear_error(vocab, tmp_path):

@@ -11,10 +11,10 @@ from scipy.stats import chisquare
 
 import generate as generate_cli
 from checkpoints import host_copy, load_model, model_state, save_best_params
-from conftest import TINY_HEADS, tiny_config
+from conftest import OPENAI_GPT, TINY_HEADS, flip_bit, tiny_config
 from generate import GenerationError, choose_next, generate, next_token_probs
 from model_pytorch import DoubleHeadModel, LMModel, ModelSpec
-from text_utils import learn_bpe
+from text_utils import TextEncoder, learn_bpe
 from weights import WeightsError, write_openai_weights
 
 N_VOCAB, N_SPECIAL, N_CTX = 60, 3, 24
@@ -297,15 +297,20 @@ def test_cli_stop_text(cli_files, capsys):
     assert capsys.readouterr().out == f"the cat sat >>> {encoder.decode(free[:free.index(stop) + 1])}\n"
 
 
-def test_cli_defaults_read_model_folder(cli_files, tmp_path, monkeypatch, capsys):
-    base, encoder = cli_files
+def test_cli_defaults_read_model_folder(tmp_path, monkeypatch, capsys):
+    """OpenAI's vocabulary (the real files: a file of their names must be them) and weights in ./model/."""
+    import shutil
+
     (tmp_path / "model").mkdir()
-    for src, name in ((base / "encoder.json", "encoder_bpe_40000.json"), (base / "vocab.bpe", "vocab_40000.bpe")):
-        (tmp_path / "model" / name).write_bytes(src.read_bytes())
-    write_openai_weights(tmp_path / "model", n_vocab=len(encoder.encoder), n_ctx=32, n_embd=32, n_layer=2, seed=3)
+    for name in ("encoder_bpe_40000.json", "vocab_40000.bpe"):
+        shutil.copy(OPENAI_GPT / name, tmp_path / "model" / name)
+    encoder = TextEncoder(*(str(tmp_path / "model" / name) for name in ("encoder_bpe_40000.json", "vocab_40000.bpe")))
+    write_openai_weights(tmp_path / "model", n_vocab=encoder.n_vocab, n_ctx=32, n_embd=32, n_layer=2, seed=3)
     monkeypatch.chdir(tmp_path)
     assert generate_cli.main(["--prompt", "the cat sat", "--greedy", "--max_new_tokens", "4", "--n_head", "4"]) == 0
-    tokens = direct(base, encoder, ["the cat sat"], max_new_tokens=4, greedy=True)[0]
+    model, _ = load_model(str(tmp_path / "model"), n_head=TINY_HEADS)
+    tokens = generate(model, encoder.encode(["the cat sat"], verbose=False), encoder.n_vocab, max_new_tokens=4,
+                      greedy=True).tokens[0]
     assert capsys.readouterr().out == f"the cat sat >>> {encoder.decode(tokens)}\n"
 
 
@@ -333,3 +338,21 @@ def test_model_pytorch_still_offers_generate(model):
     kw = dict(max_new_tokens=6, greedy=True)
     expected = generate(model, PROMPTS, N_VOCAB, **kw).tokens
     assert model_pytorch.generate(model, PROMPTS, N_VOCAB, **kw).tokens == expected
+
+
+def test_cli_refuses_a_damaged_checkpoint_in_one_line(cli_files, tmp_path, capsys):
+    """One bit flipped in a run's parameters: exit 1 and one line naming the file (it generated from
+    the changed weights)."""
+    base, encoder = cli_files
+    model, spec = load_model(str(base / "model"), n_head=TINY_HEADS)
+    spec = ModelSpec(spec.config, spec.n_vocab, 0, spec.n_ctx, vocabulary=encoder.fingerprint())
+    path = tmp_path / "best_params.safetensors"
+    save_best_params(host_copy(model_state(model)), str(path), spec,
+                     dict(encoder_path=str(base / "encoder.json"), bpe_path=str(base / "vocab.bpe")))
+    argv = ["--model_path", str(path), "--prompt", "the cat", "--max_new_tokens", "2"]
+    assert generate_cli.main(argv) == 0
+    capsys.readouterr()
+    flip_bit(path, -100, bit=5)
+    assert generate_cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is damaged: its contents do not match the sha256") and err.count("\n") == 1

@@ -314,3 +314,38 @@ def test_a_vocabulary_file_with_bytes_that_are_not_utf8_is_one_line(tmp_path):
     (tmp_path / "v.json").write_text(json.dumps({"<unk>": 0, "a": 1}))
     with pytest.raises(VocabularyError, match=r"m.bpe, line 3, column 1: not UTF-8 text \(byte 0xfe"):
         TextEncoder(str(tmp_path / "v.json"), str(tmp_path / "m.bpe"))
+
+
+def test_the_shipped_vocabulary_is_known_to_the_byte():
+    """The sums the code holds are those model/README.md lists and those of the files shipped."""
+    import hashlib
+
+    readme = (OPENAI_GPT / "README.md").read_text()
+    for name, digest in text_utils.OPENAI_VOCABULARY_SHA256.items():
+        assert hashlib.sha256((OPENAI_GPT / name).read_bytes()).hexdigest() == digest and digest in readme
+
+
+@pytest.mark.parametrize("name", ["encoder_bpe_40000.json", "vocab_40000.bpe"])
+@pytest.mark.parametrize("n_bytes", [1, 16])
+def test_a_damaged_openai_vocabulary_file_is_refused_in_one_line(tmp_path, name, n_bytes):
+    """One bit flipped (a fresh run trained on other tokens), or 16 bytes (a UnicodeDecodeError traceback)."""
+    import random
+
+    for original in (ENCODER, MERGES):
+        shutil.copy(original, tmp_path / original.name)
+    path = tmp_path / name
+    data = bytearray(path.read_bytes())
+    rng = random.Random(n_bytes)
+    for offset in rng.sample(range(len(data)), n_bytes):
+        data[offset] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    with pytest.raises(VocabularyError, match=rf"^{re.escape(str(path))} is not OpenAI's {re.escape(name)}: its "
+                                              r"sha256 is [0-9a-f]{16}\.\.\., the released file's") as err:
+        TextEncoder(str(tmp_path / ENCODER.name), str(tmp_path / MERGES.name))
+    assert "\n" not in str(err.value)
+
+
+def test_a_learned_vocabulary_is_not_held_to_openais_sums(tmp_path):
+    encoder = learn_bpe(["a cat sat"] * 3, str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"),
+                        vocab_size=40, min_frequency=1)
+    assert TextEncoder(*encoder.paths).n_vocab == encoder.n_vocab

@@ -109,3 +109,27 @@ def test_an_atomic_write_that_fails_leaves_neither_a_file_nor_its_temporary(tmp_
     with pytest.raises(OSError, match="No space left"):
         atomic_write(str(target), fail)
     assert target.read_text() == "first" and os.listdir(target.parent) == ["file.txt"]
+
+
+def test_reopening_a_log_rewrites_it_atomically_and_checks_its_length(tmp_path, monkeypatch):
+    """A kill inside the rewrite left an empty log: now the old log stays whole until the rename."""
+    from utils import ResultLogger
+
+    path = tmp_path / "run.jsonl"
+    original = '{"a": 1}\n{"b": 2}\n{"c": 3}\n'
+    path.write_text(original)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ResultLogger.reopen(str(path), 2)
+    assert path.read_text() == original and os.listdir(tmp_path) == ["run.jsonl"]
+    monkeypatch.undo()
+    logger = ResultLogger.reopen(str(path), 2)
+    logger.log(d=4, time=0)
+    logger.close()
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n{"d": 4, "time": 0}\n'
+    with pytest.raises(ValueError, match=r"holds 3 lines but the checkpoint counted 5: it was cut or damaged"):
+        ResultLogger.reopen(str(path), 5)
