@@ -196,11 +196,11 @@ class Task:
     def label_id(self, value, path, where):
         """A label's class index (or score), or a DataError naming the file and line."""
         value = value.strip()
-        where = f"line {where}" if isinstance(where, int) else where
-        if self.label_names is not None:
-            if value not in self.label_names:
-                raise DataError(f"{path}, {where}: label {value!r} is not one of {', '.join(self.label_names)}")
+        if self.label_names is not None and value in self.label_names:
             return self.label_names.index(value)
+        where = f"line {where}" if isinstance(where, int) else where  # formatted for errors only
+        if self.label_names is not None:
+            raise DataError(f"{path}, {where}: label {value!r} is not one of {', '.join(self.label_names)}")
         low, high = self.score_range
         try:
             score = float(value)

@@ -49,6 +49,24 @@ def read_text_file(path, error=ValueError, what="file"):
     return decode_utf8(data, path, error)
 
 
+def text_lines(path, error=ValueError, what="file"):
+    """(line number, text without its line end) of each line of a UTF-8 file, read as they are used:
+    a file of any size takes the memory of one line. Lines end at \n, \r\n or \r (as `csv` and
+    `read_text_file` count them); a byte-order mark is dropped. A missing or unreadable file, or a
+    byte that is not UTF-8 (named by line and column), raises `error` in one line."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # universal newlines: each line end read as \n
+            for line_no, line in enumerate(f, 1):
+                yield line_no, line[:-1] if line.endswith("\n") else line
+    except UnicodeDecodeError:
+        read_text_file(path, error, what)  # reads the whole file to name the line and column
+        raise
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} not found") from None
+    except OSError as err:
+        raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
+
+
 def parse_json(text, path, error=ValueError, line=None):
     """The JSON value of `text` (from `path`, at `line` for JSON lines); `error` names where it is not JSON."""
     try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from utils import (
     json_lines,
     make_path,
     read_json,
+    read_text_file,
+    text_lines,
 )
 
 
@@ -109,3 +112,19 @@ def test_an_atomic_write_that_fails_leaves_neither_a_file_nor_its_temporary(tmp_
     with pytest.raises(OSError, match="No space left"):
         atomic_write(str(target), fail)
     assert target.read_text() == "first" and os.listdir(target.parent) == ["file.txt"]
+
+
+def test_text_lines_are_the_files_lines_read_one_at_a_time(tmp_path):
+    """The lines `read_text_file` holds, split at every line end csv counts (\\n, \\r\\n, \\r), the
+    byte-order mark dropped; the same one-line errors."""
+    path = tmp_path / "x.tsv"
+    path.write_bytes(b"\xef\xbb\xbfa\tb\r\nc\rd\n\n" + "é\t€".encode() + b"\nlast")
+    assert list(text_lines(path)) == [(1, "a\tb"), (2, "c"), (3, "d"), (4, ""), (5, "é\t€"), (6, "last")]
+    assert [line for _, line in text_lines(path)] == re.split(r"\r\n|\r|\n", read_text_file(path))
+    lines = text_lines(path)
+    assert next(lines) == (1, "a\tb")  # a generator: nothing read beyond what is used
+    path.write_bytes(b"ok\nfine\r\nbad \xff here\n")
+    with pytest.raises(LookupError, match=r"x.tsv, line 3, column 5: not UTF-8 text \(byte 0xff"):
+        list(text_lines(path, LookupError))
+    with pytest.raises(LookupError, match=r"^data file '.*none.tsv' not found$"):
+        list(text_lines(tmp_path / "none.tsv", LookupError, what="data file"))
