@@ -1,5 +1,6 @@
 """A task's data ready for training: its splits read, encoded (cached on disk), transformed into
-token sequences (the paper's Figure 1, cut to n_ctx) and laid out as the arrays X and M."""
+token sequences (the paper's Figure 1, cut to n_ctx) and kept ragged, one EncodedSplit per split,
+whose batches are laid out as the arrays X and M when they are drawn (batches.py)."""
 
 import hashlib
 import os
@@ -9,17 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 import text_utils
-from batches import to_arrays
+from batches import EncodedSplit
 from datasets import DataError
+from ragged import Ragged
 from tasks import Specials, Task, add_specials
 from utils import atomic_write, encode_dataset
 
 
 @dataclass
 class TaskData:
-    """A task's encoded splits as arrays: name -> (X [n, sequences, T, 2], M [n, sequences, T], labels
-    (zeros where a split has none)), in the order the task reads them, and each split as read
-    (titles, labels, submission names)."""
+    """A task's encoded splits: name -> EncodedSplit (token sequences, labels: zeros where a split has
+    none), in the order the task reads them, and each split as read (titles, labels, submission names)."""
 
     task: Task
     splits: dict
@@ -29,9 +30,9 @@ class TaskData:
 
 
 def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=print):
-    """Read, encode (cached), transform (cut to max_ctx) and lay out every split of `task`. n_ctx
-    becomes the longest sequence of any split, at most max_ctx (as the original does). What the
-    readers skipped and how many examples were cut goes to `note`."""
+    """Read, encode (cached), transform (cut to max_ctx) every split of `task`. n_ctx becomes the
+    longest sequence of any split, at most max_ctx (as the original does). What the readers skipped
+    and how many examples were cut goes to `note`."""
     read = task.read(data_dir)
     for split in read.values():
         for line in split.notes:
@@ -45,19 +46,23 @@ def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=p
         except ValueError as err:
             raise DataError(f"--n_ctx {max_ctx}: {err}") from None
         n_cut += cut
+    del encoded  # the sequences hold their own copy of the tokens
     if n_cut:
         note(f"{n_cut} examples were cut to fit --n_ctx {max_ctx} ({task.cut_rule})")
-    n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), max_ctx)
+    n_ctx = min(max(int(seqs.lengths.max(initial=0)) for seqs in sequences.values()), max_ctx)
     splits = {}
     for name, split in read.items():
-        labels = split.labels if split.labels is not None else np.zeros(len(sequences[name]), np.int64)
-        splits[name] = (*to_arrays(sequences[name], n_ctx, specials.n_vocab + specials.n_special), labels)
+        n_examples = len(sequences[name]) // task.n_sequences
+        labels = split.labels if split.labels is not None else np.zeros(n_examples, np.int64)
+        splits[name] = EncodedSplit(sequences[name], labels, task.n_sequences, n_ctx,
+                                    specials.n_vocab + specials.n_special)
     return TaskData(task, splits, specials, n_ctx, read)
 
 
 def encode_cached(splits, text_encoder, cache_dir):
-    """`encode_dataset` of the splits, cached on disk under a key made of the texts themselves and
-    the vocabulary files: a change to either encodes again. Stored as flat int arrays (no pickle)."""
+    """`encode_dataset` of the splits, each text field as a Ragged of its texts' ids, cached on disk
+    under a key made of the texts themselves and the vocabulary files: a change to either encodes
+    again. Stored as flat int arrays (no pickle), loaded as they are stored."""
     digest = hashlib.sha256(vocabulary_key(text_encoder).encode())
     text_fields = []
     for s, split in enumerate(splits):
@@ -67,23 +72,26 @@ def encode_cached(splits, text_encoder, cache_dir):
                 digest.update(f"\0{s}/{k}/{len(values)}\0".encode())
                 digest.update("\0".join(values).encode("utf-8", "surrogatepass"))
     path = os.path.join(cache_dir, f"{digest.hexdigest()[:32]}.npz") if cache_dir else None
+    encoded = [list(split) for split in splits]
     if path and os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as stored:
-                encoded = [list(split) for split in splits]
                 for s, k in text_fields:
                     ids, offsets = stored[f"{s}_{k}_ids"], stored[f"{s}_{k}_offsets"]
-                    encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
+                    if len(offsets) != len(splits[s][k]) + 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
+                            or (np.diff(offsets) < 0).any():
+                        raise ValueError("a damaged cache file")
+                    encoded[s][k] = Ragged.from_offsets(ids, offsets)
                 return encoded
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache file is encoded again and rewritten
-    encoded = encode_dataset(*splits, encoder=text_encoder)
+    fresh = encode_dataset(*splits, encoder=text_encoder)
+    for s, k in text_fields:
+        encoded[s][k], fresh[s][k] = Ragged.from_lists(fresh[s][k]), None  # each field's lists freed once copied
     if path:
         arrays = {}
         for s, k in text_fields:
-            seqs = encoded[s][k]
-            arrays[f"{s}_{k}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
-            arrays[f"{s}_{k}_ids"] = np.fromiter((i for x in seqs for i in x), dtype=np.int32)
+            arrays[f"{s}_{k}_offsets"], arrays[f"{s}_{k}_ids"] = encoded[s][k].offsets(), encoded[s][k].ids
         try:
             atomic_write(path, lambda tmp: _save_npz(arrays, tmp))
         except OSError as err:  # the cache only saves time: the run goes on without it

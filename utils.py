@@ -2,12 +2,15 @@
 column; atomic writes), and the original's batching and logging helpers."""
 
 import codecs
+import collections
+import itertools
 import json
 import os
 import re
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -150,6 +153,24 @@ def iter_data(*datas, n_batch=128, truncate=False, verbose=False, max_batches=fl
             yield datas[0][i:i + n_batch]
         else:
             yield tuple(d[i:i + n_batch] for d in datas)
+
+
+def computed_ahead(fn, items, ahead=2, initializer=None):
+    """fn(item) of each item, in order, each computed in a background thread up to `ahead` items
+    before it is asked for, so that the caller's work and fn's overlap (the items themselves are
+    taken in the caller's thread). `initializer` runs first in the thread. An exception in fn is
+    raised where its result is asked for; closing the generator stops the thread."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead", initializer=initializer) as pool:
+        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, ahead))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class ResultLogger:

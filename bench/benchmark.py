@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import config  # noqa: E402
+from batches import EncodedSplit  # noqa: E402
 from bench.corpus import FORTUNES, english_texts, fortune_texts  # noqa: E402
 from engine import Runtime, Trainer, keep_freed_host_memory  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
@@ -202,7 +203,8 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
         return trainers[name, amp, stories]
 
     eval_batch = trainer("ours").eval_batch  # train.py's default for the device
-    a, b = trainer("ours").outputs(X, M), trainer("plain").outputs(X, M)
+    split = EncodedSplit.from_padded(X, M, Y)
+    a, b = trainer("ours").outputs(split), trainer("plain").outputs(split)
     print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
 
     def ours_step(name, amp, stories=32):
@@ -245,13 +247,14 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
                 repeats, work=None, seconds_scale=1000, warmup=2,
                 note=f"(the earlier README's measure; fp32; {device.type})")
 
-    EX, EM, _ = story_arrays(n_eval, n_vocab, seed=2)
+    EX, EM, EY = story_arrays(n_eval, n_vocab, seed=2)
+    eval_split = EncodedSplit.from_padded(EX, EM, EY)
     eval_tokens = float(EM.sum())
     hf_ids = torch.from_numpy(EX[..., 0]).to(device)
     hf_last = torch.from_numpy(EM.sum(-1).astype(np.int64) - 1).to(device)
 
     def ours_eval(amp):
-        return lambda: trainer("ours", amp).outputs(EX, EM)
+        return lambda: trainer("ours", amp).outputs(eval_split)
 
     def hf_eval(amp):
         def run():

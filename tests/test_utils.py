@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from utils import (
     ResultLogger,
     atomic_write,
     atomic_write_text,
+    computed_ahead,
     encode_dataset,
     iter_data,
     json_lines,
@@ -128,3 +130,25 @@ def test_text_lines_are_the_files_lines_read_one_at_a_time(tmp_path):
         list(text_lines(path, LookupError))
     with pytest.raises(LookupError, match=r"^data file '.*none.tsv' not found$"):
         list(text_lines(tmp_path / "none.tsv", LookupError, what="data file"))
+
+
+def test_computed_ahead_runs_ahead_in_order_and_raises_where_asked():
+    calls = []
+    results = computed_ahead(lambda x: calls.append(x) or x * x, range(10), ahead=2)
+    assert next(results) == 0
+    deadline = time.time() + 10
+    while len(calls) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert calls == [0, 1, 2]  # while the caller holds the first result, the next two are computed, no more
+    assert list(results) == [x * x for x in range(1, 10)]
+
+    def fails_at_three(x):
+        if x == 3:
+            raise KeyError("three")
+        return x
+
+    results = computed_ahead(fails_at_three, range(10))
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError, match="three"):
+        next(results)
+    assert list(computed_ahead(str, [])) == []
