@@ -314,3 +314,15 @@ def test_a_vocabulary_file_with_bytes_that_are_not_utf8_is_one_line(tmp_path):
     (tmp_path / "v.json").write_text(json.dumps({"<unk>": 0, "a": 1}))
     with pytest.raises(VocabularyError, match=r"m.bpe, line 3, column 1: not UTF-8 text \(byte 0xfe"):
         TextEncoder(str(tmp_path / "v.json"), str(tmp_path / "m.bpe"))
+
+
+def test_spacy_is_imported_only_to_encode():
+    """A run whose data is in the encoding cache never encodes, so it never pays spaCy's import
+    (about 2 s of start-up); the first encode brings it, with the same ids."""
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from text_utils import TextEncoder; "
+             f"enc = TextEncoder({str(ENCODER)!r}, {str(MERGES)!r}); enc.fingerprint(); enc.decode([0, 1]); "
+             "print('spacy' in sys.modules); print(enc.encode(['Hello there.'], verbose=False)); "
+             "print('spacy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False" and out[2] == "True"
+    assert out[1] == str(TextEncoder(ENCODER, MERGES).encode(["Hello there."], verbose=False))
