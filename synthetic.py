@@ -324,7 +324,8 @@ _WRITERS = {"rocstories": _write_rocstories,
 
 
 # Words per text of the real data sets (their means), and the share of first texts that are long
-# (150-450 words): with real_lengths, the texts of these tasks get filler words up to such lengths.
+# (200-600 words, so that n_ctx reaches 512 and a few are cut, as in MNLI): with real_lengths, the
+# texts of these tasks get filler words up to such lengths.
 REAL_LENGTHS = {"mnli": (20, 10, 0.001), "qqp": (11, 11, 0.001), "snli": (13, 7, 0.0005)}
 _FILLER_WORDS = ("the of and to in that it was for on with as they at one have this from by but what some can out "
                  "other were all there when your how said each which their time will about many then would like so "
@@ -343,12 +344,12 @@ _FILLER_WORDS = ("the of and to in that it was for on with as they at one have t
 
 def _real_lengths(rng, means, long_share):
     """A function that lengthens a text pair with filler words (before the final mark) to lengths drawn
-    around the real data set's means, a few first texts to 150-450 words."""
+    around the real data set's means, a few first texts to 200-600 words."""
     def pad(texts):
         out = []
         for k, (text, mean) in enumerate(zip(texts, means)):
             long = k == 0 and rng.random() < long_share
-            words = rng.randint(150, 450) if long else round(rng.gammavariate(4, mean / 4))
+            words = rng.randint(200, 600) if long else round(rng.gammavariate(4, mean / 4))
             body, mark = (text[:-1].rstrip(), text[-1]) if text[-1] in ".?" else (text, "")
             filler = [rng.choice(_FILLER_WORDS) for _ in range(words - len(body.split()))]
             out.append(" ".join([body, *filler]) + (f" {mark}" if mark else ""))

@@ -341,6 +341,7 @@ def run(cfg, runtime, t_start):
         if runtime.main:
             tqdm.write(f"stopped after {fine_tune.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {cfg.checkpoint_path})")
+            tqdm.write(times.report(fine_tune.progress.n_updates))
         return 130
     if runtime.main:
         fine_tune.finish()

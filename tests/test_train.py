@@ -125,10 +125,12 @@ def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
 
 
 @pytest.mark.parametrize("stop_after", [5, 3])  # at the end of epoch 1, and inside it
-def test_interrupted_and_resumed_run_ends_the_same(setup, tmp_path, stop_after):
+def test_interrupted_and_resumed_run_ends_the_same(setup, tmp_path, stop_after, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(arguments(setup, whole, "--submit")) == 0
+    capsys.readouterr()
     assert train.main(arguments(setup, parts, "--submit", "--stop_after_updates", str(stop_after))) == 130
+    assert re.search(r"^time: start-up [\d.]+ s, encoding [\d.]+ s, .*training [\d.]+ s", capsys.readouterr().out, re.M)
     assert final_state(parts)["n_updates"] == stop_after
     assert train.main(arguments(setup, parts, "--submit", "--resume")) == 0
     a, b = final_state(whole), final_state(parts)
