@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 import config  # noqa: E402
 from batches import EncodedSplit  # noqa: E402
 from bench.corpus import FORTUNES, english_texts, fortune_texts  # noqa: E402
+from bench.data_sets import bench_data  # noqa: E402
 from engine import Runtime, Trainer, keep_freed_host_memory  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
 from opt import OpenAIAdam  # noqa: E402
@@ -348,72 +349,6 @@ def bench_run(weights_dir, device, extra):
             print("   ", line)
 
 
-REAL_COUNTS = {"mnli": (392702, 9815, 9796), "qqp": (363846, 40430, 390965), "snli": (549367, 9842, 9824)}
-# training, dev and test examples of the real data sets (MNLI: per matched and mismatched set)
-
-
-def bench_data(base, names, device, scale=1.0):
-    """Issue 21: full-size data sets in little memory. Per task, a synthetic folder of the real counts
-    and lengths (`write_synthetic(..., real_lengths=True)`: the real files and columns), then train.py's
-    set-up and first update in a fresh process (a 32-wide one-layer model with random weights, the
-    real vocabulary, --stop_after_updates 1), twice: with a cold encoding cache (it encodes, in worker
-    processes, and fills the cache) and with it warm. Prints each process's peak RSS (the largest of
-    it and its encoding workers), its seconds from start to exit after the first update, its CPU
-    seconds, and train.py's phase times. `scale` < 1: that share of the real counts (a quick check)."""
-    from synthetic import write_synthetic
-    from weights import write_openai_weights
-
-    vocab = os.path.join(ROOT, "model")
-    if not os.path.exists(os.path.join(vocab, "encoder_bpe_40000.json")):
-        print("data: the vocabulary (model/encoder_bpe_40000.json) is absent, skipped")
-        return
-    write_openai_weights(os.path.join(base, "tiny"), n_vocab=40478, n_ctx=512, n_embd=32, n_layer=1, seed=0)
-    for name in names:
-        t0 = time.perf_counter()
-        counts = [max(32, round(n * scale)) for n in REAL_COUNTS[name]]
-        folder = write_synthetic(name, os.path.join(base, name), *counts, seed=0, real_lengths=True)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
-        print(f"data {name}: wrote {folder} ({size / 2**20:.0f} MB) in {time.perf_counter() - t0:.0f} s")
-        out = os.path.join(base, f"run_{name}")
-        os.makedirs(out, exist_ok=True)
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", name, "--data_dir", folder,
-               "--model_path", os.path.join(base, "tiny"), "--encoder_path",
-               os.path.join(vocab, "encoder_bpe_40000.json"), "--bpe_path", os.path.join(vocab, "vocab_40000.bpe"),
-               "--n_embd", "32", "--n_head", "4", "--n_layer", "1", "--n_transfer", "1",
-               "--stop_after_updates", "1", "--device", str(device), "--desc", "data",
-               "--log_dir", os.path.join(out, "log"), "--save_dir", os.path.join(out, "save"),
-               "--submission_dir", os.path.join(out, "sub"), "--cache_dir", os.path.join(base, "cache")]
-        print("data:", " ".join(cmd[1:]))
-        for cache in ("cold cache", "warm cache"):
-            peak_gb, seconds, cpu, lines = _measured_run(cmd, os.path.join(out, f"{cache.split()[0]}.out"))
-            print(f"data {name}, {cache}: peak RSS {peak_gb:.2f} GB, {seconds:.1f} s to the first update and "
-                  f"exit ({cpu:.1f} s of CPU)")
-            for line in lines:
-                print("   ", line)
-            counts_note = "its real counts" if scale == 1 else f"{scale:g} of its real counts"
-            note = f"({name.upper()} at {counts_note}, synthetic text; 32-wide 1-layer model; {device})"
-            for unit, value in (("GB peak RSS", peak_gb), ("s to first update", seconds)):
-                ROWS.append(dict(section=f"data {name}, {unit}", variant=f"ours, {cache}", unit=unit, median=value,
-                                 low=float("nan"), high=float("nan"), note=note, ratio=None))
-
-
-def _measured_run(cmd, log_path):
-    """Run cmd to its end: (peak RSS in GB, wall seconds, CPU seconds, its summary lines)."""
-    t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    with open(log_path) as f:
-        text = f.read().replace("\r", "\n")
-    if proc.returncode not in (0, 130):  # 130: stopped after the first update, as asked
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    lines = [line for line in text.splitlines() if line.startswith(("time:", "MNLI", "QQP", "SNLI", "skipped",
-                                                                      "dropped")) or "were cut" in line]
-    return usage.ru_maxrss / 2**20, seconds, usage.ru_utime + usage.ru_stime, lines
-
-
 def bench_optimizer(size, repeats):
     """Issue 4: one optimizer step over every parameter of the model, against torch's AdamW."""
     n_vocab, n_embd, n_head, n_layer = size
@@ -650,7 +585,7 @@ def main(argv=None):
         if "generate" in sections:
             bench_generate(size, tmp, args.repeats or 3)
         if "data" in sections:
-            bench_data(tmp, args.data_tasks.split(","), args.device, args.data_scale)
+            bench_data(tmp, args.data_tasks.split(","), args.device, ROWS, args.data_scale)
         if "run" in sections:
             bench_run(tmp, args.device, args.run_args.split())
     print_table()
