@@ -58,8 +58,8 @@ def batch_width(longest, n_ctx, mode):
 @dataclass(frozen=True)
 class EncodedSplit:
     """A split's examples kept as their token sequences (no padding, the positions implied) and
-    labels: a few bytes per token, where the padded arrays of the whole split took 16 per position.
-    `batch` lays out the examples of one batch when it is drawn."""
+    labels: 4 bytes per token and 16 per sequence, where the padded arrays X and M of the whole split
+    took 20 per position up to n_ctx. `batch` lays out the examples of one batch when it is drawn."""
 
     sequences: Ragged     # n_examples x n_sequences rows, example-major
     labels: np.ndarray    # int64 classes or float32 scores; zeros where the split has none
