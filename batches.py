@@ -1,11 +1,14 @@
-"""From encoded sequences to device batches: the arrays X and M (docs/reference.md §2), the checks
-made once per data set on the host, and each batch's BatchPlan, worked out on the host so that a
-forward pass never waits for the device (docs/speed.md)."""
+"""From encoded sequences to device batches: a split's examples kept ragged (`EncodedSplit`), each
+batch's arrays X and M (docs/reference.md §2) laid out when it is drawn, the checks made once per
+data set on the host, and each batch's BatchPlan, worked out on the host so that a forward pass
+never waits for the device (docs/speed.md)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+
+from ragged import Ragged
 
 COMPILE_BUCKET = 8  # with --compile, sequence lengths are padded to a multiple of this
 
@@ -42,48 +45,97 @@ def to_device(array, device, dtype=None):
     return t
 
 
-def to_arrays(seqs, n_ctx, n_token_rows):
-    """X int64 [n, n_sequences, n_ctx, 2] (token ids; position rows n_token_rows + t, where
-    n_token_rows = n_vocab + n_special) and the mask M float32 [n, n_sequences, n_ctx], zero-padded."""
-    if not seqs:
-        raise ValueError("no examples")
-    n_seq = len(seqs[0])
-    X = np.zeros((len(seqs), n_seq, n_ctx, 2), dtype=np.int64)
-    M = np.zeros((len(seqs), n_seq, n_ctx), dtype=np.float32)
-    for i, example in enumerate(seqs):
-        if len(example) != n_seq:
-            raise ValueError(f"example {i} has {len(example)} sequences; example 0 has {n_seq}")
-        for j, seq in enumerate(example):
-            if len(seq) > n_ctx:
-                raise ValueError(f"example {i}, sequence {j}: {len(seq)} tokens do not fit n_ctx={n_ctx}")
-            X[i, j, :len(seq), 0] = seq
-            M[i, j, :len(seq)] = 1
-    X[..., 1] = n_token_rows + np.arange(n_ctx)
-    return X, M
+def batch_width(longest, n_ctx, mode):
+    """The positions of a batch whose longest sequence has `longest` tokens: all n_ctx with --plain
+    ("plain"), that length rounded up to a multiple of COMPILE_BUCKET with --compile ("static"),
+    that length itself by default ("trimmed"); never more than n_ctx."""
+    if mode == "plain":
+        return n_ctx
+    multiple = COMPILE_BUCKET if mode == "static" else 1
+    return min(-(-longest // multiple) * multiple, n_ctx)
+
+
+@dataclass(frozen=True)
+class EncodedSplit:
+    """A split's examples kept as their token sequences (no padding, the positions implied) and
+    labels: 4 bytes per token and 16 per sequence, where the padded arrays X and M of the whole split
+    took 20 per position up to n_ctx. `batch` lays out the examples of one batch when it is drawn."""
+
+    sequences: Ragged     # n_examples x n_sequences rows, example-major
+    labels: np.ndarray    # int64 classes or float32 scores; zeros where the split has none
+    n_sequences: int      # sequences per example: the choices axis of X
+    n_ctx: int            # the data's width: the longest sequence of any split, at most --n_ctx
+    n_token_rows: int     # n_vocab + n_special: position t is row n_token_rows + t of the embedding
+
+    @staticmethod
+    def from_padded(X, M, Y):
+        """A split from padded arrays as the model takes them: X [n, n_sequences, T, 2] (position rows
+        in X[..., 1]) and M, each sequence's real tokens first."""
+        n, n_sequences, T, _ = X.shape
+        keep = M.reshape(n * n_sequences, T) > 0
+        lengths = keep.sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = Ragged.from_offsets(X[..., 0].reshape(n * n_sequences, T)[keep], offsets)
+        return EncodedSplit(tokens, np.asarray(Y), n_sequences, T, int(X[0, 0, 0, 1]))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def longest(self):
+        """Each example's longest sequence, in tokens (evaluation sorts by it)."""
+        return self.sequences.lengths.reshape(-1, self.n_sequences).max(axis=1)
+
+    def head(self, n):
+        """The first n examples, sharing this split's tokens."""
+        n = min(n, len(self))
+        return replace(self, sequences=self.sequences.take(np.arange(n * self.n_sequences)), labels=self.labels[:n])
+
+    def batch(self, idx, mode="trimmed"):
+        """X int64 [b, n_sequences, T, 2] (token ids, then position rows n_token_rows + t), M float32
+        [b, n_sequences, T] (1 on real tokens) and the labels of the examples idx, zero-padded to T =
+        `batch_width` of their longest sequence: the numbers the padded arrays of the whole split at
+        width n_ctx gave, less the columns that are padding in every sequence of the batch."""
+        idx = np.asarray(idx, dtype=np.int64)
+        rows = (idx[:, None] * self.n_sequences + np.arange(self.n_sequences)).reshape(-1)
+        lengths, starts = self.sequences.lengths[rows], self.sequences.starts[rows]
+        T = batch_width(int(lengths.max(initial=0)), self.n_ctx, mode)
+        positions = np.arange(T)
+        keep = positions < lengths[:, None]
+        X = np.zeros((len(rows), T, 2), dtype=np.int64)
+        X[..., 0][keep] = self.sequences.ids[(starts[:, None] + positions)[keep]]
+        X[..., 1] = self.n_token_rows + positions
+        shape = (len(idx), self.n_sequences, T)
+        return X.reshape(*shape, 2), keep.astype(np.float32).reshape(shape), self.labels[idx]
 
 
 def first_classify_positions(tokens, clf_token, where="input"):
     """Position of the FIRST `clf_token` in each row of a host [N, T] id array; a clear error if
     a row has none (docs/reference.md §2)."""
     is_clf = tokens == clf_token
-    missing = np.flatnonzero(~is_clf.any(axis=1))
-    if missing.size:
-        raise BatchError(f"{where}: {missing.size} of {len(tokens)} sequences have no classify token (id "
-                         f"{clf_token}); first ones (flattened index): {missing[:5].tolist()}. Every sequence "
-                         "must end its input with `_classify_`.")
+    _no_classify_token(where, np.flatnonzero(~is_clf.any(axis=1)), len(tokens), clf_token)
     return is_clf.argmax(axis=1)
 
 
-def check_split(name, X, M, vocab, clf_token):
-    """Once per data set, on the host: ids within the embedding, a `_classify_` in every sequence,
-    masks that are a prefix of ones. The training loop then never checks on the device."""
-    if X.size and (X.min() < 0 or X.max() >= vocab):
-        raise BatchError(f"{name}: ids range over {X.min()} ... {X.max()} but the embedding has {vocab} rows")
+def _no_classify_token(where, missing, n_sequences, clf_token):
+    if missing.size:
+        raise BatchError(f"{where}: {missing.size} of {n_sequences} sequences have no classify token (id "
+                         f"{clf_token}); first ones (flattened index): {missing[:5].tolist()}. Every sequence "
+                         "must end its input with `_classify_`.")
+
+
+def check_split(name, split, vocab, clf_token):
+    """Once per data set, on the host: token ids within the embedding, a `_classify_` in every
+    sequence. The training loop then never checks on the device. (Each sequence's tokens come
+    first and its padding after, by construction.)"""
+    seqs = split.sequences
+    if seqs.ids.size and (seqs.ids.min() < 0 or seqs.ids.max() >= vocab):
+        raise BatchError(f"{name}: ids range over {seqs.ids.min()} ... {seqs.ids.max()} but the embedding has "
+                         f"{vocab} rows")
     if clf_token is not None:
-        first_classify_positions(X[..., 0].reshape(-1, X.shape[-2]), clf_token, where=name)
-    keep = M.reshape(-1, M.shape[-1]) > 0
-    if (keep[:, 1:] > keep[:, :-1]).any():
-        raise BatchError(f"{name}: a mask has padding before real tokens; padding must come last")
+        seen = np.zeros(len(seqs.ids) + 1, dtype=np.int32)  # classify tokens before each id
+        np.cumsum(seqs.ids == clf_token, out=seen[1:])
+        missing = np.flatnonzero(seen[seqs.starts + seqs.lengths] == seen[seqs.starts])
+        _no_classify_token(name, missing, len(seqs), clf_token)
 
 
 class PaddingLayout:
@@ -179,21 +231,13 @@ class Batch:
     plan: BatchPlan
 
 
-def shared_length(M, multiple=1):
-    """The batch's longest sequence, rounded up to a multiple of `multiple` (at most the full width):
-    the columns after it are padding in every sequence."""
-    length = int(M.sum(-1).max())
-    return min(-(-length // multiple) * multiple, M.shape[-1])
-
-
 def make_batch(xmb, mmb, ymb, clf_token, device, mode="trimmed", lm=True):
     """A Batch on `device` with its plan. mode "trimmed" (the default): shared padding cut, real
     tokens only; "static" (--compile): lengths bucketed to a multiple of COMPILE_BUCKET and every
     position kept, so shapes repeat and graphs can be reused; "plain" (--plain): the whole padded
     batch and every position, the TF code's computation."""
     Y = None if ymb is None else to_device(ymb, device, torch.long if ymb.dtype.kind in "iu" else torch.float32)
-    if mode != "plain":
-        length = shared_length(mmb, COMPILE_BUCKET if mode == "static" else 1)
-        xmb, mmb = xmb[..., :length, :], mmb[..., :length]
+    length = batch_width(int(mmb.sum(-1).max()), mmb.shape[-1], mode)  # the columns after it: padding everywhere
+    xmb, mmb = xmb[..., :length, :], mmb[..., :length]
     plan = BatchPlan.build(xmb, mmb, clf_token, device, skip_padding=mode == "trimmed", lm=lm)
     return Batch(to_device(xmb, device), to_device(mmb, device), Y, plan)

@@ -7,6 +7,7 @@ n_ctx, the vocabulary's fingerprint) and the run's flags. Each records the sha25
 the file, never other weights. Models from any file or folder: `load_model`.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -375,8 +376,7 @@ def load_model(path, head="auto", n_vocab=None, n_special=None, n_head=None):
     if spec is None:
         spec = _spec_of_unrecorded(state, recorded, path, n_vocab, n_special, n_head)
     if head is None or not any(k.startswith("task_head.") for k in state):
-        spec = ModelSpec(spec.config, spec.n_vocab, spec.n_special, spec.n_ctx, vocabulary=spec.vocabulary,
-                         special_tokens=spec.special_tokens)
+        spec = dataclasses.replace(spec, head=None, clf_token=None)  # the language model alone
         state = {k: v for k, v in state.items() if not k.startswith("task_head.")}
     model = build_model(spec)
     state = {k if k.startswith(("transformer.", "task_head.", "lm_head.")) else "transformer." + k: v

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from utils import atomic_write_text, json_lines, parse_json, read_text_file
+from utils import atomic_write_text, json_lines, parse_json, read_text_file, text_lines
 
 SEED = 3535999445  # the original's split seed
 ROC_VAL = "cloze_test_val__spring2016 - cloze_test_ALL_val.csv"
@@ -54,6 +54,14 @@ def read_rows(path, delimiter=",", quotes=True):
     except csv.Error as err:
         raise DataError(f"{path}, line {reader.line_num}: {err}") from None
     return rows
+
+
+def tsv_rows(path):
+    """(line number, cells) of each non-blank line of a tab-separated file whose quotes are plain
+    characters, read as they are used (GLUE's largest files take the memory of one line)."""
+    for line_no, line in text_lines(path, DataError, what="data file"):
+        if line.strip():
+            yield line_no, line.split("\t")
 
 
 def read_csv_rows(path, delimiter=",", quotes=True):
@@ -243,12 +251,12 @@ def read_tsv_split(folder, source, task):
     """A GLUE or SciTail TSV file: texts, labels (when labelled) and the index column (when declared)."""
     path = os.path.join(folder, source.files[0])
     columns = source.columns
-    rows = read_rows(path, delimiter="\t", quotes=False)
+    rows = tsv_rows(path)
     header_row = None
     if columns.header:
-        if not rows:
+        header_row = next(rows, None)
+        if header_row is None:
             raise DataError(f"{path}: the file is empty; expected a header row")
-        header_row, rows = rows[0], rows[1:]
     positions, n_columns = _positions(path, header_row, columns, source.labelled)
     n_text = len(columns.texts)
     texts, labels, index, skipped = [[] for _ in range(n_text)], [], [], 0
@@ -278,7 +286,10 @@ def read_snli(folder, source, task):
     """SNLI's JSON lines; pairs whose gold_label is '-' (no annotator majority) are dropped."""
     path = os.path.join(folder, source.files[0])
     premises, hypotheses, labels, dropped = [], [], [], 0
-    for line_no, pair in json_lines(read_text(path), path, DataError):
+    for line_no, line in text_lines(path, DataError, what="data file"):
+        if not line.strip():
+            continue
+        pair = parse_json(line, path, DataError, line=line_no)
         missing = [k for k in ("sentence1", "sentence2", "gold_label") if not isinstance(pair, dict) or k not in pair]
         if missing:
             raise DataError(f"{path}, line {line_no}: expected an object with sentence1, sentence2 and gold_label; "

@@ -6,7 +6,8 @@ One update uses n_batch x n_gpu examples (8 x 4 = 32, the paper's batch). The TF
 n_gpu towers of n_batch and averaged the towers' gradients; here a process runs its share of the
 update as ONE forward and backward pass (the same objective: the mean over the 32 examples), or as
 equal micro-batches. Nothing inside an update waits for the device: the batch layout is worked out
-on the host and the loss is read one update late (docs/speed.md).
+on the host, by a background thread while the update before runs, and the loss is read one update
+late (docs/speed.md).
 """
 
 import contextlib
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from batches import make_batch, resolve_device
-from utils import idle_cpus, iter_data
+from utils import computed_ahead, idle_cpus, iter_data
 
 
 class RunError(RuntimeError):
@@ -50,6 +51,11 @@ class Runtime:
         """Wait for the device: only at phase boundaries, for honest phase times."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def use_device(self):
+        """Make this process's GPU the calling thread's current device (a thread starts on GPU 0)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
 
 
 def setup_runtime(device_name, n_gpu, timeout_minutes=10.0, threads=None):
@@ -340,14 +346,28 @@ class Trainer:
         return "static" if self.cfg.compile and training else "trimmed"
 
     # -- training ----------------------------------------------------------------------------------
-    def micro_batches(self, X, M, Y):
-        """This process's share of an update's examples, as equal micro-batches on the device."""
+    def micro_batches(self, X, M, Y, size):
+        """This process's share of an update's examples, as micro-batches of `size` on the device."""
         rank = self.runtime.rank
         X, M, Y = (a[rank * self.share:(rank + 1) * self.share] for a in (X, M, Y))
-        size = self.micro_batch or self.share
         lm = self.task.uses_lm(True, self.cfg.lm_coef)
         return [make_batch(X[k:k + size], M[k:k + size], Y[k:k + size], self.clf_token, self.runtime.device,
                            self.batch_mode(training=True), lm=lm) for k in range(0, self.share, size)]
+
+    def prepare(self, X, M, Y):
+        """An update's examples X, M, Y (every process's) made into this process's device batches and
+        their plans: host work that can run before the update does (`prefetched`)."""
+        size = self.micro_batch or self.share
+        return PreparedUpdate((X, M, Y), size, self.micro_batches(X, M, Y, size))
+
+    def prefetched(self, split, draws):
+        """The prepared updates of `draws` (each an index array into the EncodedSplit `split`): each
+        laid out and prepared in a background thread up to two updates before it runs, so that the
+        device never waits for the host. Nothing here draws a random number: the order is the caller's.
+        Close the generator to stop the thread."""
+        mode = self.batch_mode(training=True)
+        return computed_ahead(lambda idx: self.prepare(*split.batch(idx, mode)), draws,
+                              initializer=self.runtime.use_device)
 
     def objective(self, batch):
         """The training objective of one (micro-)batch, as the task defines it."""
@@ -355,19 +375,24 @@ class Trainer:
         return self.task.objective(lm, logits, batch.Y, self.cfg.lm_coef)
 
     def update(self, X, M, Y, stop_requested=False):
-        """One update from the examples X, M, Y (every process's); returns a device tensor [mean loss,
-        stop flag] summed over processes. If the device runs out of memory, the same update runs again
-        in micro-batches of half the size (the same objective), and so on for the rest of the run."""
+        """One update from the examples X, M, Y (every process's): `step` of `prepare`."""
+        return self.step(self.prepare(X, M, Y), stop_requested)
+
+    def step(self, prepared, stop_requested=False):
+        """One update from a PreparedUpdate; returns a device tensor [mean loss, stop flag] summed over
+        processes. If the device runs out of memory, the same update runs again in micro-batches of half
+        the size (the same objective), and so on for the rest of the run."""
         t0 = time.perf_counter()
         while True:
-            batches = self.micro_batches(X, M, Y)
+            if prepared.size != (self.micro_batch or self.share):  # prepared before a fall-back: again
+                prepared = self.prepare(*prepared.examples)
             try:
-                values = self._update(batches, stop_requested)
+                values = self._update(prepared.batches, stop_requested)
                 break
             except torch.OutOfMemoryError:
+                prepared.batches.clear()  # their device memory freed before the smaller passes
                 self._shrink_passes()
-            del batches
-        shape = tuple(batches[0].X.shape)
+        shape = tuple(prepared.batches[0].X.shape)
         if self.cfg.compile and shape not in self.compile_shapes:
             self.runtime.synchronize()
             self.compile_shapes[shape] = time.perf_counter() - t0
@@ -421,27 +446,43 @@ class Trainer:
         return lines
 
     # -- evaluation --------------------------------------------------------------------------------
-    def outputs(self, X, M):
-        """What the task keeps of each example (task logits; a language model's per-sequence LM loss),
-        in the examples' order: no dropout, batches of similar length, read back once at the end.
+    def outputs(self, split):
+        """What the task keeps of each example of the EncodedSplit `split` (task logits; a language
+        model's per-sequence LM loss), in the examples' order: no dropout, batches of similar length
+        (laid out in a background thread while the previous one runs), read back once at the end.
         The caller's train/eval mode is restored."""
         with evaluation_mode(self.model):
-            order = np.argsort(M.sum(-1).max(-1), kind="stable") if not self.cfg.plain else np.arange(len(X))
+            order = np.argsort(split.longest(), kind="stable") if not self.cfg.plain else np.arange(len(split))
             batch_size = self.cfg.batch_size if self.cfg.plain else self.eval_batch
-            lm = self.task.uses_lm(False, self.cfg.lm_coef)
+            lm, mode = self.task.uses_lm(False, self.cfg.lm_coef), self.batch_mode(training=False)
+
+            def prepare(idx):
+                X, M, _ = split.batch(idx, mode)
+                return make_batch(X, M, None, self.clf_token, self.runtime.device, mode, lm=lm)
+
             outputs = []
-            for idx in iter_data(order, n_batch=batch_size):
-                batch = make_batch(X[idx], M[idx], None, self.clf_token, self.runtime.device,
-                                   self.batch_mode(training=False), lm=lm)
-                with self.autocast():
-                    outputs.append(self.task.outputs(*self.model(batch.X, plan=batch.plan)).float())
+            batches = computed_ahead(prepare, iter_data(order, n_batch=batch_size), initializer=self.runtime.use_device)
+            with contextlib.closing(batches):
+                for batch in batches:
+                    with self.autocast():
+                        outputs.append(self.task.outputs(*self.model(batch.X, plan=batch.plan)).float())
             result = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0,), np.float32)
             ordered = np.empty_like(result)
             ordered[order] = result
             return ordered
 
-    def evaluate(self, X, M, Y):
-        """(mean task loss, {metric: value}) of the labelled examples X, M, Y."""
-        outputs = self.outputs(X, M)
-        cost = self.task.losses(torch.from_numpy(outputs), torch.from_numpy(Y)).mean().item()
-        return cost, self.task.metrics(outputs, Y)
+    def evaluate(self, split):
+        """(mean task loss, {metric: value}) of the labelled EncodedSplit `split`."""
+        outputs = self.outputs(split)
+        cost = self.task.losses(torch.from_numpy(outputs), torch.from_numpy(split.labels)).mean().item()
+        return cost, self.task.metrics(outputs, split.labels)
+
+
+@dataclass
+class PreparedUpdate:
+    """An update's examples (host arrays: the out-of-memory fall-back prepares them again) and this
+    process's device batches, made for `size` examples per pass."""
+
+    examples: tuple
+    size: int
+    batches: list

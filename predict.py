@@ -22,15 +22,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from batches import BatchError, BatchPlan, resolve_device, to_arrays, to_device
+from batches import BatchError, BatchPlan, EncodedSplit, resolve_device, to_device
 from checkpoints import CheckpointError, check_vocabulary, load_model_state, read_checkpoint, vocabulary_paths
 from datasets import Columns, DataError, Source, read_json_fields, read_text, read_tsv_split
 from model_pytorch import build_model
+from ragged import Ragged
 from tasks import add_specials, get_task
 from text_utils import TextEncoder, VocabularyError
 from utils import atomic_write_text
 from weights import WeightsError
 
+UNCUT = 1 << 40  # a budget no input reaches: the task's sequences before any cut
 INDEX_COLUMNS = ("index", "id")  # a TSV file's column of ids, kept as the predictions' index
 
 
@@ -97,34 +99,37 @@ class Predictor:
         self.amp = flags.get("amp") if self.device.type == "cuda" else None  # as the run's evaluation on a GPU
 
     def sequences(self, texts):
-        """(token sequences per input, number cut): the task's input transformation and cut rule as the
-        run applied them (to its --n_ctx); an input still longer than the model's positions is cut by the
-        same rule to fit them (ROCStories' rule cuts to half of n_ctx, so it matters there)."""
-        encoded = [self.text_encoder.encode(list(column), verbose=False) for column in texts]
-        out, n_cut = [], 0
+        """(the inputs as an EncodedSplit, the number of inputs cut): the task's input transformation
+        and cut rule as the run applied them (to its --n_ctx); an input still longer than the model's
+        positions is cut by the same rule to fit them (ROCStories' rule cuts to half of n_ctx, so it
+        matters there)."""
+        fields = [Ragged.from_lists(self.text_encoder.encode(list(column), verbose=False)) for column in texts]
+        n_sequences = self.task.n_sequences
         try:
-            for example in zip(*encoded):
-                one = [[text] for text in example]
-                (seqs,), cut = self.task.sequences(one, self.specials, self.run_n_ctx)
-                if max(map(len, seqs)) > self.spec.n_ctx:
-                    (seqs,), cut = self.task.sequences(one, self.specials, self.spec.n_ctx)
-                out.append(seqs)
-                n_cut += bool(cut)
+            whole, _ = self.task.sequences(fields, self.specials, UNCUT)
+            seqs, _ = self.task.sequences(fields, self.specials, self.run_n_ctx)
+            too_long = np.flatnonzero(seqs.lengths.reshape(-1, n_sequences).max(axis=1) > self.spec.n_ctx)
+            if len(too_long):
+                refit, _ = self.task.sequences([f.take(too_long) for f in fields], self.specials, self.spec.n_ctx)
+                rows = (too_long[:, None] * n_sequences + np.arange(n_sequences)).reshape(-1)
+                starts, lengths = seqs.starts.copy(), seqs.lengths.copy()
+                starts[rows], lengths[rows] = refit.starts + len(seqs.ids), refit.lengths
+                seqs = Ragged(np.concatenate([seqs.ids, refit.ids]), starts, lengths)
         except ValueError as err:  # n_ctx too small for the task's specials
             raise PredictError(f"the model's n_ctx {self.spec.n_ctx}: {err}") from None
-        return out, n_cut
-
-    def outputs(self, sequences):
-        """The task's outputs of each input, in order: batches of similar length (each laid out at its
-        longest sequence), no dropout, read back once at the end."""
-        lengths = np.array([max(map(len, example)) for example in sequences])
-        order = np.argsort(lengths, kind="stable")
+        n_cut = int((seqs.lengths != whole.lengths).reshape(-1, n_sequences).any(axis=1).sum())
+        labels = np.zeros(len(texts[0]), np.int64)
         n_token_rows = self.spec.n_vocab + self.spec.n_special
+        return EncodedSplit(seqs, labels, n_sequences, self.spec.n_ctx, n_token_rows), n_cut
+
+    def outputs(self, inputs):
+        """The task's outputs of each input of an EncodedSplit, in order: batches of similar length
+        (each laid out at its longest sequence), no dropout, read back once at the end."""
+        order = np.argsort(inputs.longest(), kind="stable")
         results = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                X, M = to_arrays([sequences[i] for i in idx], int(lengths[idx].max()), n_token_rows)
+                X, M, _ = inputs.batch(order[start:start + self.batch_size])
                 plan = BatchPlan.build(X, M, self.specials.clf_token, self.device, lm=False)
                 results.append(self.task.outputs(*self.model(to_device(X, self.device), plan=plan)).float())
         result = torch.cat(results).cpu().numpy()

@@ -3,6 +3,7 @@ tests and the benchmarks (no download). A label-bearing word decides each label,
 learns each task in a few epochs."""
 
 import csv
+import functools
 import json
 import os
 import random
@@ -188,10 +189,11 @@ def _write_mrpc(rng, folder, sizes):
         _write_lines(os.path.join(folder, f"{part}.tsv"), rows, bom=part != "test")  # MRPC's byte-order mark
 
 
-def _write_qqp(rng, folder, sizes):
+def _write_qqp(rng, folder, sizes, pad=None):
     def pair(label):
         thing = rng.choice(_THINGS)
-        return f"How do I fix my {thing}?", f"What is the {rng.choice(_CUES['qqp'][label])} way to fix a {thing}?"
+        texts = f"How do I fix my {thing}?", f"What is the {rng.choice(_CUES['qqp'][label])} way to fix a {thing}?"
+        return pad(texts) if pad else texts
 
     for part, n in sizes.items():
         if part == "test":
@@ -236,7 +238,7 @@ def _parse(text):
     return "( " + " ".join(f"( {w} )" for w in text.split()) + " )"
 
 
-def _write_mnli(rng, folder, sizes):
+def _write_mnli(rng, folder, sizes, pad=None):
     heads = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
     files = {"train": ("train.tsv", 1), "dev": ("dev_matched.tsv", 5), "dev_mm": ("dev_mismatched.tsv", 5),
@@ -248,6 +250,7 @@ def _write_mnli(rng, folder, sizes):
         genre = "letters" if part.endswith("_mm") else "fiction"
         for i, y in enumerate(_labels(rng, n, 3)):
             s1, s2 = _nli_pair(rng, y, _CUES["nli"], quote=i % 5 == 0)
+            s1, s2 = pad((s1, s2)) if pad else (s1, s2)
             labels = [NLI[y]] * n_annotators + ([NLI[y]] if n_annotators else [])
             rows.append([i, rng.randrange(10**5), f"{rng.randrange(10**5)}e", genre, _parse(s1), _parse(s2),
                          _parse(s1), _parse(s2), s1, s2, *labels])
@@ -269,12 +272,13 @@ def _pair_glue(columns, label_names, cues):
     return write
 
 
-def _write_snli(rng, folder, sizes):
+def _write_snli(rng, folder, sizes, pad=None):
     for part, n in sizes.items():
         lines = []
         labels = _labels(rng, n, 3)
         for i, y in enumerate(labels):
             s1, s2 = _nli_pair(rng, y, _CUES["nli"])
+            s1, s2 = pad((s1, s2)) if pad else (s1, s2)
             if i % 10 == 0:  # a pair without a majority: gold_label '-', annotators split (dropped)
                 lines.append(_snli_line(rng, s1, s2, "-", ["neutral", "entailment", "contradiction"]))
             lines.append(_snli_line(rng, s1, s2, NLI[y], [NLI[y]] * 5))
@@ -345,16 +349,58 @@ def write_synthetic_wnli(folder, n_train, n_dev, n_test, seed=0):
     return path
 
 
-def write_synthetic(task_name, folder, n_train, n_dev, n_test, seed=0):
+# Words per text of the real data sets (their means), and the share of first texts that are long
+# (200-600 words, so that n_ctx reaches 512 and a few are cut, as in MNLI): with real_lengths, the
+# texts of these tasks get filler words up to such lengths.
+REAL_LENGTHS = {"mnli": (20, 10, 0.001), "qqp": (11, 11, 0.001), "snli": (13, 7, 0.0005)}
+_FILLER_WORDS = ("the of and to in that it was for on with as they at one have this from by but what some can out "
+                 "other were all there when your how said each which their time will about many then would like so "
+                 "these long make thing see look more day could come number people over know water than first who "
+                 "down been now find work part place after back little only year every good under very through just "
+                 "great think help before move right same tell does three want also small large even land must big "
+                 "high such follow change light house picture again animal mother world near building earth father "
+                 "country answer school study learn plant cover food between never thought city tree cross farm "
+                 "start story far night real life open seem together children begin walk example paper group always "
+                 "music those letter until river second book carry science friend idea mountain horse color enough "
+                 "ready remember hundred interest morning simple several against pattern person money appear certain "
+                 "machine figure develop ocean special produce nothing surface possible language unexpectedly "
+                 "neighbourhood conversation government organisation extraordinary particularly responsibility "
+                 "telephone restaurant disappointment accommodation").split()
+
+
+def _real_lengths(rng, means, long_share):
+    """A function that lengthens a text pair with filler words (before the final mark) to lengths drawn
+    around the real data set's means, a few first texts to 200-600 words."""
+    def pad(texts):
+        out = []
+        for k, (text, mean) in enumerate(zip(texts, means)):
+            long = k == 0 and rng.random() < long_share
+            words = rng.randint(200, 600) if long else round(rng.gammavariate(4, mean / 4))
+            body, mark = (text[:-1].rstrip(), text[-1]) if text[-1] in ".?" else (text, "")
+            filler = [rng.choice(_FILLER_WORDS) for _ in range(words - len(body.split()))]
+            out.append(" ".join([body, *filler]) + (f" {mark}" if mark else ""))
+        return tuple(out)
+    return pad
+
+
+def write_synthetic(task_name, folder, n_train, n_dev, n_test, seed=0, real_lengths=False):
     """Write a small synthetic data set for the task, in its real folder, file names, layout and
     quirks, under folder; return the task's folder (folder/SST-2, folder/snli_1.0 ...).
 
     A label-bearing word decides each label, so a tiny model learns it in a few epochs. Reading it
     gives n_train, n_dev and n_test examples per split (MNLI: n_dev per dev set, n_test per test set and in
-    its diagnostic set):
-    the quirky extra rows (QQP's malformed rows, SNLI's '-' pairs) are on top of those.
+    its diagnostic set): the quirky extra rows (QQP's malformed rows, SNLI's '-' pairs) are on top of
+    those. real_lengths (MNLI, QQP, SNLI): texts as long as the real data set's (REAL_LENGTHS), for the
+    benchmarks.
     """
     task = get_task(task_name)
     path = os.path.join(folder, task.folder)
-    _WRITERS[task.name](random.Random(seed), path, {"train": n_train, "dev": n_dev, "test": n_test})
+    rng = random.Random(seed)
+    write = _WRITERS[task.name]
+    if real_lengths:
+        if task.name not in REAL_LENGTHS:
+            raise ValueError(f"real_lengths: only {', '.join(REAL_LENGTHS)} have them, not {task.name}")
+        means = REAL_LENGTHS[task.name]
+        write = functools.partial(write, pad=_real_lengths(random.Random(seed + 1), means[:2], means[2]))
+    write(rng, path, {"train": n_train, "dev": n_dev, "test": n_test})
     return path

@@ -1,5 +1,6 @@
 """A task's data ready for training: its splits read, encoded (cached on disk), transformed into
-token sequences (the paper's Figure 1, cut to n_ctx) and laid out as the arrays X and M."""
+token sequences (the paper's Figure 1, cut to n_ctx) and kept ragged, one EncodedSplit per split,
+whose batches are laid out as the arrays X and M when they are drawn (batches.py)."""
 
 import hashlib
 import os
@@ -10,17 +11,18 @@ from dataclasses import dataclass
 import numpy as np
 
 import text_utils
-from batches import to_arrays
+from batches import EncodedSplit
 from datasets import DataError
+from ragged import Ragged
 from tasks import Specials, Task, add_specials
 from utils import atomic_write, encode_dataset
 
 
 @dataclass
 class TaskData:
-    """A task's encoded splits as arrays: name -> (X [n, sequences, T, 2], M [n, sequences, T], labels
-    (zeros where a split has none)), in the order the task reads them, each split as read (titles,
-    labels, submission names), and the fingerprint of the data as read (checkpoints record it)."""
+    """A task's encoded splits: name -> EncodedSplit (token sequences, labels: zeros where a split has
+    none), in the order the task reads them, each split as read (titles, labels, submission names), and
+    the fingerprint of the data as read (checkpoints record it)."""
 
     task: Task
     splits: dict
@@ -31,9 +33,9 @@ class TaskData:
 
 
 def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=print):
-    """Read, encode (cached), transform (cut to max_ctx) and lay out every split of `task`. n_ctx
-    becomes the longest sequence of any split, at most max_ctx (as the original does). What the
-    readers skipped and how many examples were cut goes to `note`."""
+    """Read, encode (cached), transform (cut to max_ctx) every split of `task`. n_ctx becomes the
+    longest sequence of any split, at most max_ctx (as the original does). What the readers skipped
+    and how many examples were cut goes to `note`."""
     read = task.read(data_dir)
     for split in read.values():
         for line in split.notes:
@@ -48,13 +50,16 @@ def load_task_data(task, data_dir, text_encoder, max_ctx, cache_dir=None, note=p
         except ValueError as err:
             raise DataError(f"--n_ctx {max_ctx}: {err}") from None
         n_cut += cut
+    del encoded  # the sequences hold their own copy of the tokens
     if n_cut:
         note(f"{n_cut} examples were cut to fit --n_ctx {max_ctx} ({task.cut_rule})")
-    n_ctx = min(max(len(seq) for seqs in sequences.values() for example in seqs for seq in example), max_ctx)
+    n_ctx = min(max(int(seqs.lengths.max(initial=0)) for seqs in sequences.values()), max_ctx)
     splits = {}
     for name, split in read.items():
-        labels = split.labels if split.labels is not None else np.zeros(len(sequences[name]), np.int64)
-        splits[name] = (*to_arrays(sequences[name], n_ctx, specials.n_vocab + specials.n_special), labels)
+        n_examples = len(sequences[name]) // task.n_sequences
+        labels = split.labels if split.labels is not None else np.zeros(n_examples, np.int64)
+        splits[name] = EncodedSplit(sequences[name], labels, task.n_sequences, n_ctx,
+                                    specials.n_vocab + specials.n_special)
     return TaskData(task, splits, specials, n_ctx, read, fingerprint)
 
 
@@ -76,9 +81,10 @@ def data_fingerprint(read):
 
 
 def encode_cached(splits, text_encoder, cache_dir, fingerprint):
-    """`encode_dataset` of the splits, cached on disk under a key made of the data's fingerprint and
-    the vocabulary: a change to either encodes again. Stored as flat int arrays (no pickle); a
-    damaged cache file is a warning, encoded again and rewritten."""
+    """`encode_dataset` of the splits, each text field a Ragged of its texts' ids, cached on disk under
+    a key made of the data's fingerprint and the vocabulary: a change to either encodes again. Stored
+    as flat int arrays (no pickle), read as stored; a damaged cache file is a warning, encoded again
+    and rewritten."""
     key = hashlib.sha256(f"{fingerprint}\n{vocabulary_key(text_encoder)}".encode()).hexdigest()
     text_fields = [(s, k) for s, split in enumerate(splits) for k, values in enumerate(split)
                    if len(values) and isinstance(values[0], str)]
@@ -89,13 +95,14 @@ def encode_cached(splits, text_encoder, cache_dir, fingerprint):
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
             cause = str(err).splitlines()[0] if str(err) else type(err).__name__
             print(f"warning: the encoding cache {path} is damaged ({cause}); encoding again", file=sys.stderr)
-    encoded = encode_dataset(*splits, encoder=text_encoder)
+    encoded = [list(split) for split in splits]
+    fresh = encode_dataset(*splits, encoder=text_encoder)
+    for s, k in text_fields:
+        encoded[s][k], fresh[s][k] = Ragged.from_lists(fresh[s][k]), None  # each field's lists freed once copied
     if path:
         arrays = {}
         for s, k in text_fields:
-            seqs = encoded[s][k]
-            arrays[f"{s}_{k}_offsets"] = np.cumsum([0] + [len(x) for x in seqs]).astype(np.int64)
-            arrays[f"{s}_{k}_ids"] = np.fromiter((i for x in seqs for i in x), dtype=np.int32)
+            arrays[f"{s}_{k}_offsets"], arrays[f"{s}_{k}_ids"] = encoded[s][k].offsets(), encoded[s][k].ids
         try:
             atomic_write(path, lambda tmp: _save_npz(arrays, tmp))
         except OSError as err:  # the cache only saves time: the run goes on without it
@@ -105,8 +112,8 @@ def encode_cached(splits, text_encoder, cache_dir, fingerprint):
 
 
 def _read_cache(path, splits, text_fields):
-    """The encoded splits stored at `path` (zip's CRC-32 checks every byte); ValueError where its
-    arrays do not fit the texts."""
+    """The encoded splits stored at `path`, each text field a Ragged of the stored arrays (zip's CRC-32
+    checks every byte); ValueError where its arrays do not fit the texts."""
     encoded = [list(split) for split in splits]
     with np.load(path, allow_pickle=False) as stored:
         for s, k in text_fields:
@@ -114,7 +121,7 @@ def _read_cache(path, splits, text_fields):
             if len(offsets) != len(splits[s][k]) + 1 or offsets[0] != 0 or offsets[-1] != len(ids) or \
                     (np.diff(offsets) < 0).any():
                 raise ValueError(f"the arrays of field {s}/{k} do not fit its {len(splits[s][k])} texts")
-            encoded[s][k] = [a.tolist() for a in np.split(ids, offsets[1:-1])]
+            encoded[s][k] = Ragged.from_offsets(ids, offsets)
     return encoded
 
 

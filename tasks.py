@@ -21,6 +21,7 @@ import datasets
 from datasets import Columns, DataError, Source, Split, read_race, read_snli, read_text, read_tsv_split
 from loss import TASK_LOSSES
 from metrics import LOWER_IS_BETTER, METRICS, ON_SCORES, is_number
+from ragged import Ragged, join
 
 # ------------------------------------------------------------------------------------------------
 # Special tokens
@@ -154,11 +155,11 @@ class Task:
     def label_id(self, value, path, where):
         """A label's class index (or score), or a DataError naming the file and line."""
         value = value.strip()
-        where = f"line {where}" if isinstance(where, int) else where
-        if self.label_names is not None:
-            if value not in self.label_names:
-                raise DataError(f"{path}, {where}: label {value!r} is not one of {', '.join(self.label_names)}")
+        if self.label_names is not None and value in self.label_names:
             return self.label_names.index(value)
+        where = f"line {where}" if isinstance(where, int) else where  # formatted for errors only
+        if self.label_names is not None:
+            raise DataError(f"{path}, {where}: label {value!r} is not one of {', '.join(self.label_names)}")
         low, high = self.score_range
         try:
             score = float(value)
@@ -178,32 +179,29 @@ class Task:
         return {"text": 1, "pair": 1, "both_orders": 2, "choices": self.n_choices, "stream": 1}[self.form]
 
     def sequences(self, encoded_texts, specials, max_tokens):
-        """(per example, per sequence, the token ids with specials; the number of examples cut).
-
-        encoded_texts holds one list of token-id lists per text field, as Split.texts.
+        """(the token sequences: a Ragged of n_examples x n_sequences rows, example-major; the number
+        of examples cut). encoded_texts holds one Ragged of encoded texts per text field, as Split.texts.
         """
         n_specials = 2 if self.form == "text" else 3
         if max_tokens < n_specials:
             raise ValueError(f"max_tokens={max_tokens} cannot hold the {n_specials} special tokens")
         n_alternatives = self.n_choices if self.form == "choices" else 0
-        out, n_cut = [], 0
-        for texts in zip(*encoded_texts):
-            lengths = [len(f) for f in texts]
-            kept = fit_lengths(lengths, n_alternatives, max_tokens - n_specials)
-            n_cut += kept != lengths
-            out.append(self._build([f[:n] for f, n in zip(texts, kept)], specials))
-        return out, n_cut
+        lengths = np.stack([f.lengths for f in encoded_texts], axis=1)
+        kept = fit_every_length(lengths, n_alternatives, max_tokens - n_specials)
+        n_cut = int((kept != lengths).any(axis=1).sum())
+        return join(self._build([f.cut(n) for f, n in zip(encoded_texts, kept.T)], specials)), n_cut
 
     def _build(self, texts, s):
+        """Figure 1: each sequence's parts in order, a text (one row per example) or a special token."""
         if self.form == "text":
-            return [[s.start, *texts[0], s.clf_token]]
+            return [[s.start, texts[0], s.clf_token]]
         if self.form == "pair":
-            return [[s.start, *texts[0], s.delimiter, *texts[1], s.clf_token]]
+            return [[s.start, texts[0], s.delimiter, texts[1], s.clf_token]]
         if self.form == "both_orders":
             a, b = texts
-            return [[s.start, *a, s.delimiter, *b, s.clf_token], [s.start, *b, s.delimiter, *a, s.clf_token]]
-        context = [t for f in texts[:-self.n_choices] for t in f]
-        return [[s.start, *context, s.delimiter, *answer, s.clf_token] for answer in texts[-self.n_choices:]]
+            return [[s.start, a, s.delimiter, b, s.clf_token], [s.start, b, s.delimiter, a, s.clf_token]]
+        context = texts[:-self.n_choices]
+        return [[s.start, *context, s.delimiter, answer, s.clf_token] for answer in texts[-self.n_choices:]]
 
     # -- training: what the model computes and how it is scored -----------------------------------
     def uses_lm(self, training, lm_coef):
@@ -317,6 +315,16 @@ def _absent(folder, files):
     return [f for f in files if not glob.glob(os.path.join(glob.escape(folder), f))]
 
 
+def fit_every_length(lengths, n_alternatives, budget):
+    """`fit_lengths` of every example (lengths [n_examples, n_texts]), called for those that do not fit."""
+    n_shared = lengths.shape[1] - n_alternatives
+    longest = lengths[:, :n_shared].sum(axis=1) + (lengths[:, n_shared:].max(axis=1) if n_alternatives else 0)
+    kept = lengths.copy()
+    for i in np.flatnonzero(longest > budget):
+        kept[i] = fit_lengths(lengths[i].tolist(), n_alternatives, budget)
+    return kept
+
+
 def fit_lengths(lengths, n_alternatives, budget):
     """The cut rule (module docstring) on lengths: the first texts are shared by every sequence of an
     example, the last n_alternatives go one to a sequence (the answers). Returns the kept lengths."""
@@ -377,12 +385,10 @@ class RocStoriesTask(Task):
         max_len = max_tokens // 2 - 2
         if max_len < 1:
             raise ValueError(f"n_ctx={max_tokens} is too small for a story and an ending")
-        out, n_cut = [], 0
-        for story, *endings in zip(*encoded_texts):
-            n_cut += max(len(story), *map(len, endings)) > max_len
-            out.append([[specials.start, *story[:max_len], specials.delimiter, *ending[:max_len], specials.clf_token]
-                        for ending in endings])
-        return out, n_cut
+        n_cut = int((np.stack([f.lengths for f in encoded_texts], axis=1).max(axis=1) > max_len).sum())
+        story, *endings = (f.cut(max_len) for f in encoded_texts)
+        s = specials
+        return join([[s.start, story, s.delimiter, ending, s.clf_token] for ending in endings]), n_cut
 
 
 @dataclass(frozen=True)
@@ -450,12 +456,12 @@ class LanguageModelTask(Task):
         return f"{self.title} {key.title()}"
 
     def sequences(self, encoded_texts, specials, max_tokens):
-        """Contiguous n_ctx-token pieces of the split's id stream: ([[piece]] per example, 0 cut)."""
-        stream = [i for ids in encoded_texts[0] for i in ids]
-        n = len(stream) // max_tokens
-        if n == 0:
+        """Contiguous n_ctx-token pieces of the split's id stream (its lines' ids one after another),
+        one piece per example; 0 cut."""
+        stream = encoded_texts[0].compact().ids
+        if len(stream) < max_tokens:
             raise ValueError(f"a split holds {len(stream)} tokens, fewer than one sequence of {max_tokens}")
-        return [[stream[k * max_tokens:(k + 1) * max_tokens]] for k in range(n)], 0
+        return Ragged.fixed(stream, max_tokens), 0
 
     def uses_lm(self, training, lm_coef):
         return True

@@ -8,6 +8,7 @@ in Hugging Face `tokenizers` (Rust) with the same merges, once per distinct word
 inputs are spread over worker processes (docs/speed.md).
 """
 
+import functools
 import gc
 import hashlib
 import json
@@ -19,7 +20,6 @@ import sys
 from itertools import chain
 
 import ftfy
-from spacy.attrs import ORTH
 from tqdm import tqdm
 
 from utils import idle_cpus, read_json, read_text_file
@@ -250,12 +250,17 @@ class TextEncoder:
         self.encoder = load_encoder(encoder_path)
         self.n_vocab = len(self.encoder)  # ids from here on are special tokens added by a task
         self.bpe_ranks = load_merges(bpe_path)
-        self.nlp = english_tokenizer()
         self._fast_bpe = fast_bpe_model(self.encoder, self.bpe_ranks)
         self._fingerprint = None
         self.cache = {}  # BPE of a lower-cased word, as a space-joined string (the original's cache)
         self._ids = ComputedOnce(self._token_ids)  # spaCy token (its ORTH hash) -> ids
         self._decoder = {}
+
+    @functools.cached_property
+    def nlp(self):
+        """spaCy's tokenizer, made when a text is first encoded: a run whose data is in the encoding
+        cache never imports spaCy (about 2 s of its start-up)."""
+        return english_tokenizer()
 
     def fingerprint(self):
         """A digest of the vocabulary and the merges as loaded (not of their files' bytes, nor of the
@@ -345,6 +350,8 @@ class TextEncoder:
 
     def _encode_here(self, texts, verbose=False):
         """encode() in this process."""
+        from spacy.attrs import ORTH
+
         ids_of = self._ids.__getitem__
         # Whole texts go to spaCy: its special cases can look across spaces ("'rset' 's':").
         docs = tqdm(spacy_docs(texts, self.nlp), total=len(texts), ncols=80, leave=False, disable=not verbose)

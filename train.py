@@ -113,15 +113,15 @@ class Run:
                            f"pass --n_ctx {n_positions} ({self.task.cut_rule})")
         self.spec = ModelSpec(cfg.model, specials.n_vocab, specials.n_special, data.n_ctx, self.task.head,
                               specials.clf_token, self.task.special_tokens, self.text_encoder.fingerprint())
-        for name, (X, M, _) in data.splits.items():  # once, on the host: no check inside an update
-            check_split(name, X, M, self.spec.vocab, specials.clf_token)
+        for name, split in data.splits.items():  # once, on the host: no check inside an update
+            check_split(name, split, self.spec.vocab, specials.clf_token)
         with times("loading"):
             self.model = build_model(self.spec)
             load_openai_pretrained_model(self.model.transformer, n_ctx=data.n_ctx, n_special=specials.n_special,
                                          n_transfer=cfg.n_transfer, n_embd=cfg.model.n_embd, path=cfg.model_path,
                                          special_rows=self.data_rng)
             self.model.to(runtime.device)
-        n_train = len(data.splits["train"][0])
+        n_train = len(data.splits["train"])
         if n_train < cfg.batch_size:
             raise RunError(f"{n_train} training examples are fewer than one update's batch of {cfg.batch_size}")
         self.n_updates_total = (n_train // cfg.batch_size) * cfg.n_iter
@@ -186,7 +186,7 @@ class Run:
             self.logger = ResultLogger.reopen(cfg.log_path, ckpt["log_lines"], ckpt.get("log"), RunError)
         else:
             self.logger = ResultLogger(cfg.log_path, **cfg.flags())
-        sizes = ", ".join(f"{len(arrays[0])} {name}" for name, arrays in data.splits.items())
+        sizes = ", ".join(f"{len(split)} {name}" for name, split in data.splits.items())
         tqdm.write(f"{self.task.title}: {sizes} examples; n_ctx {data.n_ctx}; {self.n_updates_total} updates "
                    f"of {cfg.batch_size} on {self.runtime.device}"
                    + (f" x {self.runtime.world} processes" if self.runtime.world > 1 else ""))
@@ -196,9 +196,8 @@ class Run:
         the validation set; rank 0 logs them and keeps the best parameters, chosen by the task."""
         cfg, progress, trainer = self.cfg, self.progress, self.trainer
         with self.times("evaluation"):
-            train_part = (a[:cfg.n_valid] for a in self.data.splits["train"])
-            tr_cost, tr_metrics = trainer.evaluate(*train_part)
-            va_cost, va_metrics = trainer.evaluate(*self.data.splits["valid"])
+            tr_cost, tr_metrics = trainer.evaluate(self.data.splits["train"].head(cfg.n_valid))
+            va_cost, va_metrics = trainer.evaluate(self.data.splits["valid"])
         point = dict(n_epochs=progress.n_epochs, n_updates=progress.n_updates, tr_cost=tr_cost, va_cost=va_cost)
         for prefix, metrics in (("tr", tr_metrics), ("va", va_metrics)):
             point.update({f"{prefix}_{METRIC_KEYS[name]}": value for name, value in metrics.items()})
@@ -241,7 +240,7 @@ class Run:
         (a stop asked during an evaluation too, the last epoch's included: the run then predicts on
         --resume)."""
         progress, reader = self.progress, LateReader(self.runtime.device)
-        n_batches = len(self.data.splits["train"][0]) // self.cfg.batch_size
+        n_batches = len(self.data.splits["train"]) // self.cfg.batch_size
         with self.stop.deferred() as stop:
             while progress.n_epochs < self.cfg.n_iter:
                 stopped = self.train_epoch(stop, reader)
@@ -265,17 +264,17 @@ class Run:
             progress.epoch_rng = numpy_rng_state(self.data_rng)
         else:  # resuming inside an epoch: shuffle again from its start
             self.data_rng.set_state(numpy_state(progress.epoch_rng))
-        X, M, Y = self.data.splits["train"]
-        order = epoch_order(self.data_rng, len(X))
-        n_batches = len(X) // cfg.batch_size
+        split, size, first = self.data.splits["train"], cfg.batch_size, progress.update_in_epoch
+        order = epoch_order(self.data_rng, len(split))
+        n_batches = len(split) // size
+        updates = trainer.prefetched(split, (order[b * size:(b + 1) * size] for b in range(first, n_batches)))
         bar = tqdm(total=n_batches, initial=progress.update_in_epoch, ncols=100, leave=False, mininterval=1,
                    disable=not self.runtime.main, desc=f"epoch {progress.n_epochs + 1}/{cfg.n_iter}")
         start = time.perf_counter()
         try:
-            for b in range(progress.update_in_epoch, n_batches):
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            for prepared in updates:
                 self.writer.check()  # a failed background write is reported before the next update
-                values = trainer.update(X[idx], M[idx], Y[idx], stop_requested=stop.requested)
+                values = trainer.step(prepared, stop_requested=stop.requested)
                 progress.n_updates += 1
                 progress.update_in_epoch += 1
                 previous = reader.push(values, progress.n_updates)
@@ -297,6 +296,7 @@ class Run:
             reader.flush()
             return reader.stop
         finally:
+            updates.close()
             self.runtime.synchronize()
             self.times.add("training", time.perf_counter() - start)
             bar.close()
@@ -314,7 +314,7 @@ class Run:
             for name, split in self.data.read.items():
                 if name == "train" or not (split.submission and cfg.submit or cfg.analysis):
                     continue
-                outputs = self.trainer.outputs(*self.data.splits[name][:2])
+                outputs = self.trainer.outputs(self.data.splits[name])
                 if split.submission and cfg.submit:
                     index = split.index if split.index is not None else range(len(outputs))
                     write_submission(zip(index, task.predictions(outputs)),
@@ -355,6 +355,7 @@ def run(cfg, runtime, t_start, stop=None):
         if runtime.main:
             tqdm.write(f"stopped after {fine_tune.progress.n_updates} updates; continue with --resume "
                        f"(checkpoint: {cfg.checkpoint_path})")
+            tqdm.write(times.report(fine_tune.progress.n_updates))
         return fine_tune.stop.exit_code
     if runtime.main:
         fine_tune.finish()

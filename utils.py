@@ -2,12 +2,15 @@
 column; atomic writes), and the original's batching and logging helpers."""
 
 import codecs
+import collections
+import itertools
 import json
 import os
 import re
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
@@ -61,6 +64,24 @@ def read_text_file(path, error=ValueError, what="file"):
     except OSError as err:
         raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
     return decode_utf8(data, path, error)
+
+
+def text_lines(path, error=ValueError, what="file"):
+    """(line number, text without its line end) of each line of a UTF-8 file, read as they are used:
+    a file of any size takes the memory of one line. Lines end at \n, \r\n or \r (as `csv` and
+    `read_text_file` count them); a byte-order mark is dropped. A missing or unreadable file, or a
+    byte that is not UTF-8 (named by line and column), raises `error` in one line."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # universal newlines: each line end read as \n
+            for line_no, line in enumerate(f, 1):
+                yield line_no, line[:-1] if line.endswith("\n") else line
+    except UnicodeDecodeError:
+        read_text_file(path, error, what)  # reads the whole file to name the line and column
+        raise
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} not found") from None
+    except OSError as err:
+        raise error(f"{what} {str(path)!r} cannot be read ({err.strerror or err})") from None
 
 
 def parse_json(text, path, error=ValueError, line=None):
@@ -162,6 +183,24 @@ def iter_data(*datas, n_batch=128, truncate=False, verbose=False, max_batches=fl
             yield datas[0][i:i + n_batch]
         else:
             yield tuple(d[i:i + n_batch] for d in datas)
+
+
+def computed_ahead(fn, items, ahead=2, initializer=None):
+    """fn(item) of each item, in order, each computed in a background thread up to `ahead` items
+    before it is asked for, so that the caller's work and fn's overlap (the items themselves are
+    taken in the caller's thread). `initializer` runs first in the thread. An exception in fn is
+    raised where its result is asked for; closing the generator stops the thread."""
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ahead", initializer=initializer) as pool:
+        pending = collections.deque(pool.submit(fn, item) for item in itertools.islice(items, ahead))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(fn, item) for item in itertools.islice(items, 1))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 class ResultLogger:

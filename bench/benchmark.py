@@ -5,6 +5,8 @@ same process (alternating, several runs, median and min-max):
     python bench/benchmark.py --quick    # small model, about a minute on 2 cores
     python bench/benchmark.py --only encode,optimizer
     python bench/benchmark.py --only generate   # KV-cached generation vs re-running the prefix
+    python bench/benchmark.py --only data --data_tasks mnli   # a full-size data set: peak memory and
+                                                             # seconds to the first update, cold and warm cache
     python bench/benchmark.py --device cuda --only train,run   # the GPU checks: per-update table
                                                                # (fp32, bf16) and a whole ROCStories run
 
@@ -31,7 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import config  # noqa: E402
+from batches import EncodedSplit  # noqa: E402
 from bench.corpus import FORTUNES, english_texts, fortune_texts  # noqa: E402
+from bench.data_sets import bench_data  # noqa: E402
 from engine import Runtime, Trainer, keep_freed_host_memory  # noqa: E402
 from model_pytorch import DoubleHeadModel, GPTConfig, TransformerModel, load_openai_pretrained_model  # noqa: E402
 from opt import OpenAIAdam  # noqa: E402
@@ -76,8 +80,9 @@ def print_table():
     print(f"\n{'section':<22} {'variant':<34} {'median':>12} {'min-max':>23}  {'ours is':>9}  unit")
     for r in ROWS:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else ""
-        print(f"{r['section']:<22} {r['variant']:<34} {r['median']:>12.4g} "
-              f"{r['low']:>11.4g}-{r['high']:<11.4g}  {ratio:>9}  {r['unit']} {r['note']}")
+        spread = "" if r["low"] != r["low"] else f"{r['low']:.4g}-{r['high']:.4g}"  # NaN: one run
+        print(f"{r['section']:<22} {r['variant']:<34} {r['median']:>12.4g} {spread:>23}  {ratio:>9}  {r['unit']} "
+              f"{r['note']}")
     print("('ours is': how many times faster our variant is than that baseline; higher is better)")
 
 
@@ -202,7 +207,8 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
         return trainers[name, amp, stories]
 
     eval_batch = trainer("ours").eval_batch  # train.py's default for the device
-    a, b = trainer("ours").outputs(X, M), trainer("plain").outputs(X, M)
+    split = EncodedSplit.from_padded(X, M, Y)
+    a, b = trainer("ours").outputs(split), trainer("plain").outputs(split)
     print(f"eval logits before training, ours vs plain: max |diff| {np.abs(a - b).max():.1e}")
 
     def ours_step(name, amp, stories=32):
@@ -245,13 +251,14 @@ def bench_train_and_eval(models, size, repeats, device, amps, n_eval, parts=("up
                 repeats, work=None, seconds_scale=1000, warmup=2,
                 note=f"(the earlier README's measure; fp32; {device.type})")
 
-    EX, EM, _ = story_arrays(n_eval, n_vocab, seed=2)
+    EX, EM, EY = story_arrays(n_eval, n_vocab, seed=2)
+    eval_split = EncodedSplit.from_padded(EX, EM, EY)
     eval_tokens = float(EM.sum())
     hf_ids = torch.from_numpy(EX[..., 0]).to(device)
     hf_last = torch.from_numpy(EM.sum(-1).astype(np.int64) - 1).to(device)
 
     def ours_eval(amp):
-        return lambda: trainer("ours", amp).outputs(EX, EM)
+        return lambda: trainer("ours", amp).outputs(eval_split)
 
     def hf_eval(amp):
         def run():
@@ -516,7 +523,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small model, about a minute on 2 cores")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
                         help="comma-separated sections: forward,train (updates and evaluation),eval (evaluation "
-                        "alone),updates,passes,optimizer,encode,load,run,generate")
+                        "alone),updates,passes,optimizer,encode,load,run,generate,data (full-size data sets: memory "
+                        "and start-up; CPU heavy: minutes per task)")
     parser.add_argument("--device", default="cpu", help="device of the train and run sections (cuda: the GPU checks)")
     parser.add_argument("--n_eval", type=int, default=None, help="stories evaluated in the train section "
                         "(default: 1871 on a GPU, 64 on a CPU)")
@@ -525,6 +533,8 @@ def main(argv=None):
                         "AVX512-BF16 or AMX)")
     parser.add_argument("--glibc_malloc", action="store_true",
                         help="leave glibc's malloc as it is (train.py has it keep freed memory on a CPU)")
+    parser.add_argument("--data_tasks", default="mnli,qqp,snli", help="tasks of the 'data' section (mnli,qqp,snli)")
+    parser.add_argument("--data_scale", type=float, default=1.0, help="the 'data' section's share of the real counts")
     parser.add_argument("--run_args", default="", help="extra train.py flags for the run section, e.g. '--amp bf16'")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
@@ -546,7 +556,8 @@ def main(argv=None):
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}; "
           f"model {'quick' if args.quick else 'full'} {size}; freed host memory kept for reuse: {kept}")
     with tempfile.TemporaryDirectory() as tmp:
-        write_weights(size, tmp)
+        if sections - {"optimizer", "encode", "data"}:  # the sections that load the random weights
+            write_weights(size, tmp)
         if "forward" in sections:
             bench_forward(size, tmp, repeats)
         if sections & {"train", "eval", "updates", "passes"}:
@@ -574,6 +585,8 @@ def main(argv=None):
                 bench_load(tmp, repeats)
         if "generate" in sections:
             bench_generate(size, tmp, args.repeats or 3)
+        if "data" in sections:
+            bench_data(tmp, args.data_tasks.split(","), args.device, ROWS, args.data_scale)
         if "run" in sections:
             bench_run(tmp, args.device, args.run_args.split())
     print_table()

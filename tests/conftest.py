@@ -232,6 +232,61 @@ def make_inputs(n_vocab, n_special, n_ctx, shape, seed=0, high=None):
     return torch.stack([tokens, positions], dim=-1)
 
 
+def sequences_of(task, texts, specials, max_tokens):
+    """task.sequences of texts given as lists (one list of id lists per text field), as lists: per
+    example, per sequence, the ids; and the number of examples cut."""
+    from ragged import Ragged
+
+    seqs, n_cut = task.sequences([Ragged.from_lists(field) for field in texts], specials, max_tokens)
+    rows, n = seqs.tolist(), task.n_sequences
+    return [rows[i:i + n] for i in range(0, len(rows), n)], n_cut
+
+
+def reference_sequences(task, texts, specials, max_tokens):
+    """Figure 1 and the cut rule example by example, written out as docs/tasks.md states them (the
+    data path's code before it was vectorized): (per example, per sequence, the ids; examples cut)."""
+    from tasks import fit_lengths
+
+    s, form, out, n_cut = specials, task.form, [], 0
+    if task.name == "rocstories":  # the original's own cut: each part to max_tokens // 2 - 2
+        n = max_tokens // 2 - 2
+        for story, *endings in zip(*texts):
+            n_cut += max(len(story), *map(len, endings)) > n
+            out.append([[s.start, *story[:n], s.delimiter, *e[:n], s.clf_token] for e in endings])
+        return out, n_cut
+    n_alternatives = task.n_choices if form == "choices" else 0
+    for example in zip(*texts):
+        lengths = [len(t) for t in example]
+        kept = fit_lengths(lengths, n_alternatives, max_tokens - (2 if form == "text" else 3))
+        n_cut += kept != lengths
+        t = [f[:k] for f, k in zip(example, kept)]
+        if form == "text":
+            out.append([[s.start, *t[0], s.clf_token]])
+        elif form == "pair":
+            out.append([[s.start, *t[0], s.delimiter, *t[1], s.clf_token]])
+        elif form == "both_orders":
+            out.append([[s.start, *t[0], s.delimiter, *t[1], s.clf_token],
+                        [s.start, *t[1], s.delimiter, *t[0], s.clf_token]])
+        else:
+            context = [i for f in t[:-task.n_choices] for i in f]
+            out.append([[s.start, *context, s.delimiter, *a, s.clf_token] for a in t[-task.n_choices:]])
+    return out, n_cut
+
+
+def padded_arrays(seqs, n_ctx, n_token_rows):
+    """A whole split as padded arrays, as the data path kept it before it kept sequences ragged:
+    X int64 [n, n_sequences, n_ctx, 2] (token ids, then position rows n_token_rows + t), M float32
+    [n, n_sequences, n_ctx] (1 on real tokens)."""
+    X = np.zeros((len(seqs), len(seqs[0]), n_ctx, 2), dtype=np.int64)
+    M = np.zeros((len(seqs), len(seqs[0]), n_ctx), dtype=np.float32)
+    for i, example in enumerate(seqs):
+        for j, seq in enumerate(example):
+            X[i, j, :len(seq), 0] = seq
+            M[i, j, :len(seq)] = 1
+    X[..., 1] = n_token_rows + np.arange(n_ctx)
+    return X, M
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -31,3 +31,20 @@ def test_quick_train_section_compares_the_same_models(tmp_path):
     assert all((row["ratio"] is None) == (row["variant"] in ("ours", "ours (one pass)")) for row in rows)
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert f"freed host memory kept for reuse: {glibc}" in out.stdout
+
+
+@pytest.mark.slow
+def test_data_section_measures_a_cold_and_a_warm_start(tmp_path):
+    """The full-size data section at a small share of MNLI's counts: both runs reach their first update,
+    the second from the encoding cache; memory and seconds are recorded for each."""
+    rows_path = tmp_path / "rows.json"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "benchmark.py"), "--only", "data", "--data_tasks",
+                          "mnli", "--data_scale", "0.002", "--json", str(rows_path)], capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+    assert "MNLI: 785 train, 32 valid, 32 valid_mm, 32 test, 32 test_mm, 32 diagnostic examples" in out.stdout
+    assert len(re.findall(r"^    time: start-up .* training [\d.]+ s", out.stdout, re.M)) == 2
+    rows = {(row["section"], row["variant"]): row["median"] for row in json.loads(rows_path.read_text())}
+    assert set(rows) == {(f"data mnli, {unit}", f"ours, {cache} cache") for unit in ("GB peak RSS", "s to first update")
+                         for cache in ("cold", "warm")}
+    assert all(0 < value < 60 for value in rows.values())

@@ -1,10 +1,12 @@
 """engine: an update trains on the objective the task declares; one pass equals micro-batches and
-the out-of-memory fallback; autocast casts the weights once per update; evaluation keeps the
-caller's mode and equals the plain path; the loss is read one update late; malloc keeps freed memory."""
+the out-of-memory fallback; autocast casts the weights once per update; updates prepared ahead in a
+background thread are the updates prepared in place; evaluation keeps the caller's mode and equals
+the plain path; the loss is read one update late; malloc keeps freed memory."""
 
 import platform
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 
 import config
 import engine
+from batches import EncodedSplit
 from conftest import ROOT
 from engine import LateReader, NonFiniteLoss, RunError, Runtime, Trainer
 from model_pytorch import ModelSpec, build_model
@@ -170,24 +173,52 @@ def test_autocast_casts_the_weights_once_per_update(stories):
 
 
 def test_evaluation_keeps_the_callers_mode(stories):
-    X, M, _ = stories
-    trainer = make_trainer()
+    trainer, split = make_trainer(), EncodedSplit.from_padded(*stories).head(8)
     for training in (True, False):
         trainer.model.train(training)
-        trainer.outputs(X[:8], M[:8])
+        trainer.outputs(split)
         assert trainer.model.training is training and trainer.model.transformer.h[0].training is training
 
 
 def test_fast_evaluation_equals_the_plain_path(stories):
     """Sorted batches of real tokens only, fused attention, no LM: the logits of the TF computation."""
     X, M, Y = stories
+    split = EncodedSplit.from_padded(X, M, Y)
     fast, plain = make_trainer(), make_trainer("--plain")
     plain.model.load_state_dict(fast.model.state_dict())
-    a, b = fast.outputs(X, M), plain.outputs(X, M)
+    a, b = fast.outputs(split), plain.outputs(split)
     assert a.shape == (16, 2) and np.abs(a - b).max() <= 1e-5
-    cost, metrics = fast.evaluate(X, M, Y)
+    cost, metrics = fast.evaluate(split)
     assert cost == pytest.approx(F.cross_entropy(torch.from_numpy(a), torch.from_numpy(Y)).item(), rel=1e-6)
     assert metrics == {"Accuracy": 100.0 * np.mean(a.argmax(1) == Y)}
+
+
+def test_prefetched_updates_are_the_updates_prepared_here(monkeypatch):
+    """The background thread lays out and prepares the updates of the caller's draws, in order, the
+    same batches as preparing the drawn examples here; it draws no random number (numpy's and
+    torch's generators untouched), and closing it early stops it."""
+    X, M, Y = story_arrays(40, N_VOCAB, N_CTX, seed=3)
+    split = EncodedSplit.from_padded(X, M, Y)
+    trainer = make_trainer("--micro_batch", "8")
+    draws = [np.random.default_rng(k).permutation(40)[:16] for k in range(4)]
+    states = np.random.get_state()[1].copy(), torch.get_rng_state()
+    threads = set()
+    real = Trainer.prepare
+    monkeypatch.setattr(Trainer, "prepare", lambda self, *a: threads.add(threading.get_ident()) or real(self, *a))
+    prepared = list(trainer.prefetched(split, iter(draws)))
+    assert threads and threading.get_ident() not in threads
+    assert np.array_equal(np.random.get_state()[1], states[0]) and torch.equal(torch.get_rng_state(), states[1])
+    for update, idx in zip(prepared, draws, strict=True):
+        here = real(trainer, X[idx], M[idx], Y[idx])
+        assert update.size == here.size == 8 and len(update.batches) == len(here.batches) == 2
+        for ours, theirs in zip(update.batches, here.batches):
+            assert all(torch.equal(getattr(ours, k), getattr(theirs, k)) for k in ("X", "M", "Y"))
+            assert torch.equal(ours.plan.lm_rows, theirs.plan.lm_rows)
+    asked = []
+    early = trainer.prefetched(split, (asked.append(k) or idx for k, idx in enumerate(draws * 10)))
+    next(early)
+    early.close()
+    assert len(asked) <= 4  # the first, then at most two ahead (and one more taken as the first was handed out)
 
 
 def test_evaluation_batches_by_device_and_one_pass_per_update():
@@ -212,6 +243,7 @@ KEEP_MEMORY_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 import engine
+from batches import EncodedSplit
 applied = engine.keep_freed_host_memory() if sys.argv[1] == "keep" else False
 for _ in range(2):  # the first round may grow the heap
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -13,7 +13,7 @@ import torch
 import predict
 import train
 from checkpoints import load_model, model_state, save_best_params
-from conftest import task_arguments, tiny_config
+from conftest import sequences_of, task_arguments, tiny_config
 from datasets import ROC_TEST
 from model_pytorch import ModelSpec, build_model
 from tasks import get_task
@@ -175,18 +175,24 @@ def test_jsonl_and_tsv_round_trips(glue_runs, task_folders, tmp_path, capsys):
     assert [[float(p) for p in r[2:]] for r in rows] == expected.probabilities[:3].tolist()
 
 
+def examples(inputs, n_cut):
+    """Predictor.sequences' EncodedSplit as lists (per input, per sequence, the ids), and n_cut."""
+    rows, n = inputs.sequences.tolist(), inputs.n_sequences
+    return [rows[i:i + n] for i in range(0, len(rows), n)], n_cut
+
+
 def test_inputs_longer_than_the_model_are_cut_by_the_tasks_rule(glue_runs, capsys):
     """n_ctx is the longest sequence of the run's data; a longer input loses tokens from the end of its
     longer text (the cut rule), keeps its specials, and is counted."""
     predictor = predict.Predictor(best_of(glue_runs[1]["mnli"]))
     long_text = " ".join(["anna walked to the park ."] * 40)
     texts = [[long_text, "a short one ."], ["ben went home .", "nobody walked ."]]
-    sequences, n_cut = predictor.sequences(texts)
+    sequences, n_cut = examples(*predictor.sequences(texts))
     encoded = [predictor.text_encoder.encode(field, verbose=False) for field in texts]
     n_ctx = predictor.spec.n_ctx
     assert n_ctx < 40 and len(sequences[0][0]) == n_ctx and n_cut == 1
-    assert sequences[0][0] == get_task("mnli").sequences([encoded[0][:1], encoded[1][:1]], predictor.specials,
-                                                         n_ctx)[0][0][0]
+    assert sequences[0][0] == sequences_of(get_task("mnli"), [encoded[0][:1], encoded[1][:1]], predictor.specials,
+                                           n_ctx)[0][0][0]
     s = predictor.specials
     assert sequences[1][0] == [s.start, *encoded[0][1], s.delimiter, *encoded[1][1], s.clf_token]  # whole
     status, _, err = run_predict(capsys, "--model_path", best_of(glue_runs[1]["mnli"]), "--text", long_text,
@@ -207,11 +213,11 @@ def test_story_cloze_inputs_keep_the_runs_cut(rocstories_run):
     ending, long_ending = "she smiled .", " ".join(["she smiled and laughed ."] * 6)
     ids = {text: encode([text], verbose=False)[0] for text in (story, ending, long_ending, story * 4)}
     assert model_cut < len(ids[story]) < n_ctx - 10 and model_cut < len(ids[long_ending]) < run_cut
-    (seqs,), n_cut = predictor.sequences([[story], [ending], [ending]])  # the model's own n_ctx would cut it
+    (seqs,), n_cut = examples(*predictor.sequences([[story], [ending], [ending]]))  # the model's own n_ctx would cut it
     assert n_cut == 0 and seqs[0] == [s.start, *ids[story], s.delimiter, *ids[ending], s.clf_token]
-    (seqs,), n_cut = predictor.sequences([[story * 4], [ending], [ending]])  # cut as the run cut
+    (seqs,), n_cut = examples(*predictor.sequences([[story * 4], [ending], [ending]]))  # cut as the run cut
     assert n_cut == 1 and seqs[0] == [s.start, *ids[story * 4][:run_cut], s.delimiter, *ids[ending], s.clf_token]
-    (seqs,), n_cut = predictor.sequences([[story * 4], [long_ending], [ending]])  # 62 + 40 + 3 > n_ctx
+    (seqs,), n_cut = examples(*predictor.sequences([[story * 4], [long_ending], [ending]]))  # 62 + 40 + 3 > n_ctx
     assert n_cut == 1 and seqs[0] == [s.start, *ids[story * 4][:model_cut], s.delimiter,
                                       *ids[long_ending][:model_cut], s.clf_token]
 

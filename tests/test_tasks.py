@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tasks
-from batches import to_arrays
-from conftest import tiny_config
+from conftest import padded_arrays, reference_sequences, sequences_of, tiny_config
 from datasets import DataError
 from model_pytorch import DoubleHeadModel
 from synthetic import write_synthetic
@@ -473,36 +472,36 @@ def test_add_specials_appends_three_tokens():
 
 
 def test_text_classification_tokens():
-    seqs, n_cut = get_task("sst2").sequences(([[1, 2, 3], [4]],), SPECIALS, 512)
+    seqs, n_cut = sequences_of(get_task("sst2"), ([[1, 2, 3], [4]],), SPECIALS, 512)
     assert seqs == [[[S, 1, 2, 3, C]], [[S, 4, C]]] and n_cut == 0
 
 
 def test_entailment_tokens():
-    seqs, _ = get_task("mnli").sequences(([[1, 2]], [[3, 4, 5]]), SPECIALS, 512)
+    seqs, _ = sequences_of(get_task("mnli"), ([[1, 2]], [[3, 4, 5]]), SPECIALS, 512)
     assert seqs == [[[S, 1, 2, D, 3, 4, 5, C]]]
 
 
 def test_similarity_tokens_both_orderings():
-    seqs, _ = get_task("stsb").sequences(([[1, 2]], [[3]]), SPECIALS, 512)
+    seqs, _ = sequences_of(get_task("stsb"), ([[1, 2]], [[3]]), SPECIALS, 512)
     assert seqs == [[[S, 1, 2, D, 3, C], [S, 3, D, 1, 2, C]]]
 
 
 def test_multiple_choice_tokens():
     article, question, answers = [1, 2, 3], [4, 5], [[6], [7, 8], [9], [10, 11, 12]]
-    seqs, _ = get_task("race").sequences(([article], [question], *[[a] for a in answers]), SPECIALS, 512)
+    seqs, _ = sequences_of(get_task("race"), ([article], [question], *[[a] for a in answers]), SPECIALS, 512)
     assert seqs == [[[S, 1, 2, 3, 4, 5, D, *a, C] for a in answers]]
 
 
 def test_cut_takes_the_longer_sentence_first():
     premise, hypothesis = list(range(100, 110)), [1, 2, 3]
-    seqs, n_cut = get_task("rte").sequences(([premise, [5]], [hypothesis, [6]]), SPECIALS, 10)
+    seqs, n_cut = sequences_of(get_task("rte"), ([premise, [5]], [hypothesis, [6]]), SPECIALS, 10)
     assert seqs[0] == [[S, 100, 101, 102, 103, D, 1, 2, 3, C]]  # 10 tokens: 7 for texts, 3 specials
     assert seqs[1] == [[S, 5, D, 6, C]] and n_cut == 1
 
 
 def test_cut_keeps_the_question_and_answers_of_race():
     article, question, answers = list(range(100, 150)), [1, 2, 3, 4, 5], [[6, 7], [8, 9, 10], [11] * 4, [12]]
-    seqs, n_cut = get_task("race").sequences(([article], [question], *[[a] for a in answers]), SPECIALS, 30)
+    seqs, n_cut = sequences_of(get_task("race"), ([article], [question], *[[a] for a in answers]), SPECIALS, 30)
     assert n_cut == 1
     for seq, answer in zip(seqs[0], answers):
         assert seq == [S, *article[:18], *question, D, *answer, C]  # 18 + 5 + longest answer 4 + 3 = 30
@@ -511,7 +510,7 @@ def test_cut_keeps_the_question_and_answers_of_race():
 
 def test_cut_shares_a_spare_token():
     a, b = list(range(100, 107)), list(range(200, 207))
-    seqs, _ = get_task("mrpc").sequences(([a], [b]), SPECIALS, 12)  # 9 text tokens for 7 + 7
+    seqs, _ = sequences_of(get_task("mrpc"), ([a], [b]), SPECIALS, 12)  # 9 text tokens for 7 + 7
     assert seqs[0] == [[S, *a[:5], D, *b[:4], C], [S, *b[:4], D, *a[:5], C]]
 
 
@@ -522,8 +521,8 @@ def test_cut_rule_properties(name, lengths, max_tokens):
     task = get_task(name)
     n_fields = {"sst2": 1, "rte": 2, "stsb": 2, "race": 6}[name]
     fields = [list(range(1000 * (k + 1), 1000 * (k + 1) + n)) for k, n in enumerate(lengths[:n_fields])]
-    (example,), n_cut = task.sequences(tuple([f] for f in fields), SPECIALS, max_tokens)
-    (uncut,), _ = task.sequences(tuple([f] for f in fields), SPECIALS, 10**6)
+    (example,), n_cut = sequences_of(task, tuple([f] for f in fields), SPECIALS, max_tokens)
+    (uncut,), _ = sequences_of(task, tuple([f] for f in fields), SPECIALS, 10**6)
     assert len(example) == task.n_sequences
     assert all(len(seq) <= max_tokens and seq[-1] == C and seq[0] == S for seq in example)
     kept = [[t for t in f if any(t in s for s in example)] for f in fields]
@@ -536,15 +535,35 @@ def test_cut_rule_properties(name, lengths, max_tokens):
         assert min(cut_lengths) >= max(len(k) for k in kept) - 1  # only the longest texts lose tokens
 
 
+@pytest.mark.parametrize("name", [*tasks.TASKS, "lm"])
+def test_a_whole_split_is_transformed_as_example_by_example(name):
+    """The sequences of a whole split, made with numpy at once, equal Figure 1 and the cut rule applied
+    example by example as written out in conftest.reference_sequences (a language model: its stream
+    cut into pieces), some examples cut and some not."""
+    task = get_task(name)
+    n_fields = {"text": 1, "pair": 2, "both_orders": 2, "stream": 1}.get(task.form)
+    n_fields = n_fields or 1 + task.n_choices + (name == "race")  # RACE: article, question, answers
+    rng = np.random.default_rng(4)
+    texts = [[rng.integers(0, 50, rng.integers(0, 70)).tolist() for _ in range(300)] for _ in range(n_fields)]
+    got, n_cut = sequences_of(task, texts, SPECIALS, 64)
+    if name == "lm":
+        stream = [i for text in texts[0] for i in text]
+        expected, n_expected = [[stream[k * 64:(k + 1) * 64]] for k in range(len(stream) // 64)], 0
+    else:
+        expected, n_expected = reference_sequences(task, texts, SPECIALS, 64)
+        assert 0 < n_cut < 300
+    assert got == expected and n_cut == n_expected
+
+
 def test_too_few_tokens_for_the_specials():
     with pytest.raises(ValueError, match="max_tokens=2 cannot hold the 3 special tokens"):
-        get_task("rte").sequences(([[1]], [[2]]), SPECIALS, 2)
+        sequences_of(get_task("rte"), ([[1]], [[2]]), SPECIALS, 2)
 
 
 def test_similarity_head_adds_the_two_orderings():
     """The model's similarity score equals linear(h[classify of a,b] + h[classify of b,a]), computed here."""
-    seqs, _ = get_task("stsb").sequences(([[1, 2, 3]], [[4, 5]]), Specials(60, 60, 61, 62), 16)
-    X, M = map(torch.from_numpy, to_arrays(seqs, 16, 63))
+    seqs, _ = sequences_of(get_task("stsb"), ([[1, 2, 3]], [[4, 5]]), Specials(60, 60, 61, 62), 16)
+    X, M = map(torch.from_numpy, padded_arrays(seqs, 16, 63))
     torch.manual_seed(0)
     model = DoubleHeadModel(tiny_config(), 62, get_task("stsb").head, vocab=60 + 3 + 16, n_ctx=16).eval()
     with torch.no_grad():
@@ -681,7 +700,7 @@ def test_rocstories_declaration_keeps_the_original_split_and_cut(synthetic):
     assert splits["train"].texts == tuple(train[:3]) and list(splits["valid"].labels) == list(valid[3])
     assert splits["test"].submission == "ROCStories.tsv" and len(splits["test"]) == N_TEST
     s = Specials(100, 100, 101, 102)
-    seqs, n_cut = task.sequences(([list(range(10))], [[50, 51, 52]], [[60]]), s, 12)
+    seqs, n_cut = sequences_of(task, ([list(range(10))], [[50, 51, 52]], [[60]]), s, 12)
     assert seqs == [[[100, 0, 1, 2, 3, 101, 50, 51, 52, 102], [100, 0, 1, 2, 3, 101, 60, 102]]] and n_cut == 1
 
 

@@ -349,3 +349,13 @@ def test_a_learned_vocabulary_is_not_held_to_openais_sums(tmp_path):
     encoder = learn_bpe(["a cat sat"] * 3, str(tmp_path / "encoder.json"), str(tmp_path / "vocab.bpe"),
                         vocab_size=40, min_frequency=1)
     assert TextEncoder(*encoder.paths).n_vocab == encoder.n_vocab
+def test_spacy_is_imported_only_to_encode():
+    """A run whose data is in the encoding cache never encodes, so it never pays spaCy's import
+    (about 2 s of start-up); the first encode brings it, with the same ids."""
+    probe = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from text_utils import TextEncoder; "
+             f"enc = TextEncoder({str(ENCODER)!r}, {str(MERGES)!r}); enc.fingerprint(); enc.decode([0, 1]); "
+             "print('spacy' in sys.modules); print(enc.encode(['Hello there.'], verbose=False)); "
+             "print('spacy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "False" and out[2] == "True"
+    assert out[1] == str(TextEncoder(ENCODER, MERGES).encode(["Hello there."], verbose=False))

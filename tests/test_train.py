@@ -19,7 +19,7 @@ import export_hf
 import generate
 import train
 from checkpoints import load_checkpoint, load_model, read_checkpoint
-from conftest import ROOT, flip_bit, task_arguments
+from conftest import ROOT, flip_bit, padded_arrays, reference_sequences, task_arguments
 from datasets import ROC_TEST, rocstories, rocstories_test_labels
 from engine import PhaseTimes, Runtime, Trainer
 from metrics import METRIC_KEYS
@@ -120,16 +120,18 @@ def test_best_checkpoint_predicts_the_submission(setup, tmp_path):
     model, _ = load_model(str(tmp_path / "save" / "run" / "best_params.safetensors"))
     run = run_of(arguments(setup, tmp_path))
     run.model.load_state_dict(model.state_dict())
-    logits = run.trainer.outputs(*run.data.splits["test"][:2])
+    logits = run.trainer.outputs(run.data.splits["test"])
     lines = (tmp_path / "sub" / "ROCStories.tsv").read_text().splitlines()[1:]
     assert np.argmax(logits, 1).tolist() == [int(line.split("\t")[1]) for line in lines]
 
 
 @pytest.mark.parametrize("stop_after", [5, 3])  # at the end of epoch 1, and inside it
-def test_interrupted_and_resumed_run_ends_the_same(setup, tmp_path, stop_after):
+def test_interrupted_and_resumed_run_ends_the_same(setup, tmp_path, stop_after, capsys):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(arguments(setup, whole, "--submit")) == 0
+    capsys.readouterr()
     assert train.main(arguments(setup, parts, "--submit", "--stop_after_updates", str(stop_after))) == 130
+    assert re.search(r"^time: start-up [\d.]+ s, encoding [\d.]+ s, .*training [\d.]+ s", capsys.readouterr().out, re.M)
     assert final_state(parts)["n_updates"] == stop_after
     assert train.main(arguments(setup, parts, "--submit", "--resume")) == 0
     a, b = final_state(whole), final_state(parts)
@@ -351,10 +353,10 @@ def record_epochs(monkeypatch):
         seen["expect_first"] = True
         return seen["orders"][-1]
 
-    def micro(trainer, xmb, mmb, ymb):
+    def micro(trainer, xmb, mmb, ymb, size):
         if seen.pop("expect_first", False):
             seen["first_batches"].append(xmb.copy())
-        return real_micro(trainer, xmb, mmb, ymb)
+        return real_micro(trainer, xmb, mmb, ymb, size)
 
     monkeypatch.setattr(train, "epoch_order", order)
     monkeypatch.setattr(Trainer, "micro_batches", micro)
@@ -364,17 +366,19 @@ def record_epochs(monkeypatch):
 def test_special_rows_and_epoch_orders_follow_the_original_numpy_stream(setup, tmp_path, monkeypatch):
     argv = arguments(setup, tmp_path, "--seed", "42", "--n_iter", "3")
     run = run_of(argv)
-    n_vocab, n_train = run.data.specials.n_vocab, len(run.data.splits["train"][0])
+    n_vocab, n_train = run.data.specials.n_vocab, len(run.data.splits["train"])
     special, orders = reference_orders(42, 32, n_train, 3)
     np.testing.assert_array_equal(run.model.transformer.embed.weight[n_vocab:n_vocab + 3].detach().numpy(), special)
 
     seen = record_epochs(monkeypatch)
     assert train.main(argv) == 0
     assert len(seen["orders"]) == 3
-    X = run.data.splits["train"][0]
+    X = run.data.splits["train"].batch(np.arange(n_train), mode="plain")[0]  # the whole split, padded
     for got, want, first in zip(seen["orders"], orders, seen["first_batches"]):
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(first, X[want[:16]])  # the loop trains on that order
+        width = first.shape[-2]  # the batch's own: the columns after it are padding in each of its sequences
+        np.testing.assert_array_equal(first, X[want[:16]][..., :width, :])  # the loop trains on that order
+        assert not X[want[:16]][..., width:, 0].any()
 
 
 def test_resumed_run_keeps_the_original_epoch_orders(setup, tmp_path, monkeypatch):
@@ -389,6 +393,39 @@ def test_resumed_run_keeps_the_original_epoch_orders(setup, tmp_path, monkeypatc
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("flags", [[], ["--plain"]])
+def test_the_ragged_data_path_trains_as_the_padded_arrays_did(setup, tmp_path, monkeypatch, flags):
+    """Three epochs, dropout off: every update's batches and the parameters after them are those of the
+    data path that kept each split as padded arrays (the whole split laid out at n_ctx by
+    conftest.reference_sequences and padded_arrays, X[idx] per update in the original's epoch orders),
+    bit for bit."""
+    argv = arguments(setup, tmp_path, *NO_DROPOUT, *flags, "--seed", "42", "--n_iter", "3")
+    made, real = [], Trainer.micro_batches
+    monkeypatch.setattr(Trainer, "micro_batches", lambda self, *a: made.append(real(self, *a)) or made[-1])
+    assert train.main(argv) == 0
+    ragged_batches = list(made)
+    made.clear()
+    run = run_of(argv)  # set up again: the same seed, so the same weights and special rows
+    split = run.task.read(str(setup / "data"))["train"]
+    texts = [run.text_encoder.encode(field, verbose=False) for field in split.texts]
+    seqs, _ = reference_sequences(run.task, texts, run.data.specials, run.cfg.n_ctx)
+    X, M = padded_arrays(seqs, run.data.n_ctx, run.data.specials.n_vocab + run.data.specials.n_special)
+    _, orders = reference_orders(42, 32, len(X), 3)
+    for order in orders:
+        for b in range(len(X) // 16):
+            idx = order[b * 16:(b + 1) * 16]
+            run.trainer.update(X[idx], M[idx], split.labels[idx])
+    assert len(made) == len(ragged_batches) == 15
+    for ours, dense in zip(ragged_batches, made):
+        for a, b in zip(ours, dense, strict=True):
+            assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("X", "M", "Y"))
+            for name in ("clf_rows", "lm_rows", "lm_targets", "lm_weights", "lm_count"):
+                x, y = getattr(a.plan, name), getattr(b.plan, name)
+                assert (x is None and y is None) or torch.equal(x, y), name
+    trained, dense_state = final_state(tmp_path)["model"], run.model.state_dict()
+    assert len(trained) > 10 and all(torch.equal(v, dense_state[k]) for k, v in trained.items())
+
+
 # ----------------------------------------------------------------------------- the GPU-first training step
 
 def count_syncs(argv, monkeypatch, sync_counter):
@@ -397,16 +434,16 @@ def count_syncs(argv, monkeypatch, sync_counter):
     from model_pytorch import DoubleHeadModel, LMModel
 
     updates, forwards = [], []
-    real_update = Trainer.update
+    real_step = Trainer.step
 
-    def update(*a, **k):
+    def step(*a, **k):
         before = len(sync_counter.calls)
-        values = real_update(*a, **k)
+        values = real_step(*a, **k)
         updates.append(len(sync_counter.calls) - before)
         return values
 
-    sync_counter.wrap(Trainer, "update", monkeypatch)
-    monkeypatch.setattr(Trainer, "update", update)
+    sync_counter.wrap(Trainer, "step", monkeypatch)
+    monkeypatch.setattr(Trainer, "step", step)
     sync_counter.wrap(engine.LateReader, "push", monkeypatch)
     for model_class in (DoubleHeadModel, LMModel):
         def forward(self, *a, real_forward=model_class.forward, **k):

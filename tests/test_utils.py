@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -10,11 +12,14 @@ from utils import (
     ResultLogger,
     atomic_write,
     atomic_write_text,
+    computed_ahead,
     encode_dataset,
     iter_data,
     json_lines,
     make_path,
     read_json,
+    read_text_file,
+    text_lines,
 )
 
 
@@ -133,3 +138,39 @@ def test_reopening_a_log_rewrites_it_atomically_and_checks_its_length(tmp_path, 
     assert path.read_text() == '{"a": 1}\n{"b": 2}\n{"d": 4, "time": 0}\n'
     with pytest.raises(ValueError, match=r"holds 3 lines but the checkpoint counted 5: it was cut or damaged"):
         ResultLogger.reopen(str(path), 5)
+def test_text_lines_are_the_files_lines_read_one_at_a_time(tmp_path):
+    """The lines `read_text_file` holds, split at every line end csv counts (\\n, \\r\\n, \\r), the
+    byte-order mark dropped; the same one-line errors."""
+    path = tmp_path / "x.tsv"
+    path.write_bytes(b"\xef\xbb\xbfa\tb\r\nc\rd\n\n" + "é\t€".encode() + b"\nlast")
+    assert list(text_lines(path)) == [(1, "a\tb"), (2, "c"), (3, "d"), (4, ""), (5, "é\t€"), (6, "last")]
+    assert [line for _, line in text_lines(path)] == re.split(r"\r\n|\r|\n", read_text_file(path))
+    lines = text_lines(path)
+    assert next(lines) == (1, "a\tb")  # a generator: nothing read beyond what is used
+    path.write_bytes(b"ok\nfine\r\nbad \xff here\n")
+    with pytest.raises(LookupError, match=r"x.tsv, line 3, column 5: not UTF-8 text \(byte 0xff"):
+        list(text_lines(path, LookupError))
+    with pytest.raises(LookupError, match=r"^data file '.*none.tsv' not found$"):
+        list(text_lines(tmp_path / "none.tsv", LookupError, what="data file"))
+
+
+def test_computed_ahead_runs_ahead_in_order_and_raises_where_asked():
+    calls = []
+    results = computed_ahead(lambda x: calls.append(x) or x * x, range(10), ahead=2)
+    assert next(results) == 0
+    deadline = time.time() + 10
+    while len(calls) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert calls == [0, 1, 2]  # while the caller holds the first result, the next two are computed, no more
+    assert list(results) == [x * x for x in range(1, 10)]
+
+    def fails_at_three(x):
+        if x == 3:
+            raise KeyError("three")
+        return x
+
+    results = computed_ahead(fails_at_three, range(10))
+    assert [next(results) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError, match="three"):
+        next(results)
+    assert list(computed_ahead(str, [])) == []
