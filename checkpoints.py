@@ -402,8 +402,9 @@ def _spec_of_unrecorded(state, recorded, path, n_vocab, n_special, n_head):
     rows, n_embd = state[embed].shape
     prefix = "" if embed == "embed.weight" else "transformer."
     n_layer = sum(1 for k in state if k.startswith(prefix + "h.") and k.endswith(".attn.c_attn.w"))
-    if n_special is None:  # a language model on plain text adds no specials; a task run adds 3
-        n_special = 0 if recorded.get("dataset") == "lm" else 3
+    task = _recorded_task(recorded)
+    if n_special is None:  # the recorded task's specials (a task run's 3 where the file names no task)
+        n_special = len(task.special_tokens) if task else 3
     n_ctx = rows - n_vocab - n_special
     if n_ctx <= 0:
         raise WeightsError(f"{path}: the embedding has {rows} rows, too few for n_vocab={n_vocab} tokens + "
@@ -412,14 +413,19 @@ def _spec_of_unrecorded(state, recorded, path, n_vocab, n_special, n_head):
                                        n_head=_resolve_n_head(n_head, n_embd, recorded, path))))
     head = None
     if any(k.startswith("task_head.") for k in state):
-        from tasks import get_task  # the recorded --dataset names the head
-
-        try:
-            head = get_task(str(recorded.get("dataset"))).head or "multiple_choice"
-        except ValueError:
-            head = "multiple_choice"
+        head = (task.head if task else None) or "multiple_choice"
     names = ("_start_", "_delimiter_", "_classify_")[:n_special] if n_special == 3 else ()
     return ModelSpec(cfg, n_vocab, n_special, n_ctx, head, n_vocab + n_special - 1 if head else None, names)
+
+
+def _recorded_task(recorded):
+    """The task of the --dataset a file records, or None."""
+    from tasks import get_task  # only for files without a spec: tasks.py stays out of the model's imports
+
+    try:
+        return get_task(str(recorded.get("dataset")))
+    except ValueError:
+        return None
 
 
 def _resolve_n_head(n_head, n_embd, recorded, source):
