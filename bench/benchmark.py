@@ -2,7 +2,7 @@
 same process (alternating, several runs, median and min-max):
 
     python bench/benchmark.py            # full-size model, about 10 minutes on 2 CPU cores
-    python bench/benchmark.py --quick    # small model, about a minute on 2 cores
+    python bench/benchmark.py --quick    # small model, about a minute on 2 idle cores (65 s measured)
     python bench/benchmark.py --only encode,optimizer
     python bench/benchmark.py --only generate   # KV-cached generation vs re-running the prefix
     python bench/benchmark.py --only data --data_tasks mnli   # a full-size data set: peak memory and
@@ -520,7 +520,7 @@ def bench_generate(size, weights_dir, rounds, n_new=256, prompt_len=32):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model, about a minute on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="small model, about a minute on 2 idle cores")
     parser.add_argument("--only", default="forward,train,optimizer,encode,load",
                         help="comma-separated sections: forward,train (updates and evaluation),eval (evaluation "
                         "alone),updates,passes,optimizer,encode,load,run,generate,data (full-size data sets: memory "
