@@ -18,7 +18,7 @@ try:
 except importlib.metadata.PackageNotFoundError:
     INSTALLED = False
 installed = pytest.mark.skipif(not INSTALLED, reason="the project is not installed (pip install -e .)")
-COMMANDS = ["gpt1-train", "gpt1-generate", "gpt1-export", "gpt1-analysis"]
+COMMANDS = ["gpt1-train", "gpt1-generate", "gpt1-export", "gpt1-analysis", "gpt1-predict", "gpt1-glue-submission"]
 
 
 def run(argv, cwd, **env):
@@ -50,6 +50,8 @@ def test_the_commands_run_from_another_folder(tmp_path):
     assert analysed.returncode == 0 and re.search(r"^ROCStories Valid Accuracy: [\d.]+$", analysed.stdout, re.M)
     helped = run(["gpt1-train", "--help"], tmp_path)
     assert helped.returncode == 0
+    for command in ("gpt1-predict", "gpt1-glue-submission"):
+        assert run([command, "--help"], tmp_path).returncode == 0, command
     assert re.search(r"--lr LR\s+learning rate.*?\(default:\s+6.25e-05\)", helped.stdout, re.S)  # defaults shown
 
 
