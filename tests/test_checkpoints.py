@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+import safetensors.torch
 import torch
 
 from checkpoints import (
@@ -142,7 +143,8 @@ def test_resume_with_more_cuda_states_than_devices(monkeypatch):
 # ----------------------------------------------------------------------------- integrity: checksums
 
 def written_files(vocabulary, tmp_path):
-    """best_params.safetensors and checkpoint.pt of a tiny model (with Adam's state), and the state of each."""
+    """best_params.safetensors and checkpoint.pt of a tiny model (with Adam's state), and the model's
+    tensors in each as safetensors and torch read them."""
     spec = spec_of(vocabulary, "multiple_choice")
     torch.manual_seed(2)
     model = build_model(spec)
@@ -156,7 +158,7 @@ def written_files(vocabulary, tmp_path):
     state = dict(model=host_copy(model_state(model)), optimizer=host_copy(opt.state_dict()), n_epochs=1, n_updates=5,
                  update_in_epoch=0, best_score=61.5, rng=dict(python=list(random.getstate())), args=flags)
     save_checkpoint(state, ckpt, spec)
-    return {best: read_checkpoint(best), ckpt: torch.load(ckpt, weights_only=True)}
+    return {best: safetensors.torch.load_file(best), ckpt: torch.load(ckpt, weights_only=True)["model"]}
 
 
 def same(a, b):
@@ -169,13 +171,13 @@ def same(a, b):
     return type(a) is type(b) and a == b
 
 
-def load_as_every_reader(path):
-    """What each reader makes of the file: read_checkpoint (generate.py, export_hf.py, prediction) and,
-    for checkpoint.pt, --resume's load_checkpoint."""
-    loaded = [read_checkpoint(path)]
+def every_reader(path):
+    """Each reader of the file, taking what it gives of the model and the run: read_checkpoint
+    (generate.py, export_hf.py, prediction) and, for checkpoint.pt, --resume's load_checkpoint."""
+    readers = [lambda: read_checkpoint(path)]
     if path.endswith(".pt"):
-        loaded.append(load_checkpoint(path, dict(dataset="rocstories"), ["dataset"], {}))
-    return loaded
+        readers.append(lambda: load_checkpoint(path, dict(dataset="rocstories"), ["dataset"], {}))
+    return readers
 
 
 @pytest.mark.parametrize("name", ["best_params.safetensors", "checkpoint.pt"])
@@ -185,7 +187,8 @@ def test_a_single_flipped_bit_is_refused_in_one_line_or_changes_nothing(vocabula
     written = written_files(vocabulary, tmp_path)
     path = str(tmp_path / name)
     original = open(path, "rb").read()
-    expected = written[path]
+    expected = [read() for read in every_reader(path)]  # each reader on the intact file ...
+    assert all(same(intact[0] if isinstance(intact, tuple) else intact["model"], written[path]) for intact in expected)
     rng = random.Random(0)
     refused = harmless = 0
     for _ in range(150):
@@ -194,25 +197,21 @@ def test_a_single_flipped_bit_is_refused_in_one_line_or_changes_nothing(vocabula
         data[bit // 8] ^= 1 << (bit % 8)
         with open(path, "wb") as f:
             f.write(data)
-        try:
-            loaded = load_as_every_reader(path)
-        except (WeightsError, CheckpointError) as err:
-            assert path in str(err) and "\n" not in str(err), str(err)
-            refused += 1
-            continue
-        assert same(loaded[0], expected if name.endswith(".safetensors") else read_unflipped(original, path))
-        harmless += 1
+        outcomes = []
+        for read, intact in zip(every_reader(path), expected):  # each reader on its own
+            try:
+                loaded = read()
+            except (WeightsError, CheckpointError) as err:
+                assert path in str(err) and "\n" not in str(err), str(err)
+                outcomes.append("refused")
+                continue
+            assert same(loaded, intact)
+            outcomes.append("read")
+        assert len(set(outcomes)) == 1, outcomes  # the readers agree: all refuse, or all read what was written
+        refused += outcomes[0] == "refused"
+        harmless += outcomes[0] == "read"
     print(f"{name}: {refused} flips refused, {harmless} harmless (the same contents read)")
     assert refused >= 120  # the rest: zip padding and records torch does not read
-
-
-def read_unflipped(original, path):
-    with open(path + ".orig", "wb") as f:
-        f.write(original)
-    try:
-        return read_checkpoint(path + ".orig")
-    finally:
-        os.remove(path + ".orig")
 
 
 @pytest.mark.parametrize("name", ["best_params.safetensors", "checkpoint.pt"])
@@ -223,8 +222,10 @@ def test_a_truncated_file_is_refused_in_one_line(vocabulary, tmp_path, name):
     for size in (0, 7, len(original) // 3, len(original) - 1):
         with open(path, "wb") as f:
             f.write(original[:size])
-        with pytest.raises((WeightsError, CheckpointError), match=rf"^{re.escape(path)}|^--resume: {re.escape(path)}"):
-            load_as_every_reader(path)
+        named = rf"^{re.escape(path)}|^--resume: {re.escape(path)}"
+        for read in every_reader(path):  # each reader refuses it
+            with pytest.raises((WeightsError, CheckpointError), match=named):
+                read()
 
 
 def test_a_damaged_key_name_is_refused_and_files_without_a_checksum_still_load(vocabulary, tmp_path):
