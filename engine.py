@@ -156,7 +156,8 @@ def keep_freed_host_memory():
 
 def set_cpu_threads(requested=None):
     """Threads for a CPU run: as requested (--threads), else as OMP_NUM_THREADS says, else the CPUs
-    other programs leave idle, at most torch's default (the physical cores). More threads than idle
+    other programs leave idle, at most the threads torch uses now (in a fresh process its default,
+    the physical cores). More threads than idle
     CPUs make each update several times slower on a busy machine (the threads wait for each
     other), so the default follows the load. Returns the number set."""
     if requested is None and "OMP_NUM_THREADS" in os.environ:

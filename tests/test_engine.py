@@ -281,13 +281,15 @@ def test_cpu_threads_follow_the_flag_the_environment_then_the_idle_cores(monkeyp
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert engine.set_cpu_threads(None) == before  # the environment's choice stands
+        monkeypatch.setattr(engine, "idle_cpus", lambda: 1)  # the load does not matter then
+        torch.set_num_threads(2)
+        assert engine.set_cpu_threads(None) == 2 == torch.get_num_threads()  # the environment's choice stands
         assert engine.set_cpu_threads(1) == 1 and torch.get_num_threads() == 1  # --threads wins
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr(engine, "idle_cpus", lambda: 1)  # a busy machine: one thread
         assert engine.set_cpu_threads(None) == 1
-        monkeypatch.setattr(engine, "idle_cpus", lambda: 64)  # idle: at most torch's default (the cores)
-        torch.set_num_threads(before)
-        assert engine.set_cpu_threads(None) == before
+        monkeypatch.setattr(engine, "idle_cpus", lambda: 64)  # idle: the threads torch uses (its default: the cores)
+        torch.set_num_threads(2)
+        assert engine.set_cpu_threads(None) == 2
     finally:
         torch.set_num_threads(before)
