@@ -48,7 +48,7 @@ def bench_data(base, names, device, rows, scale=1.0):
         counts = [max(32, round(n * scale)) for n in REAL_COUNTS[name]]
         folder = write_synthetic(name, os.path.join(base, name), *counts, seed=0, real_lengths=True)
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
-        print(f"data {name}: wrote {folder} ({size / 2**20:.0f} MB) in {time.perf_counter() - t0:.0f} s")
+        print(f"data {name}: wrote {folder} ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
         out = os.path.join(base, f"run_{name}")
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "-c", TIMED_MAIN, ROOT, "--dataset", name, "--data_dir", folder,
@@ -60,20 +60,20 @@ def bench_data(base, names, device, rows, scale=1.0):
                "--submission_dir", os.path.join(out, "sub"), "--cache_dir", os.path.join(base, "cache")]
         print("data: train.py", " ".join(cmd[4:]))
         for cache in ("cold cache", "warm cache"):
-            peak_gb, seconds, wall, cpu, lines = _measured_run(cmd, os.path.join(out, f"{cache.split()[0]}.out"))
-            print(f"data {name}, {cache}: peak RSS {peak_gb:.2f} GB, {seconds:.1f} s from launch to the first update "
+            peak_gib, seconds, wall, cpu, lines = _measured_run(cmd, os.path.join(out, f"{cache.split()[0]}.out"))
+            print(f"data {name}, {cache}: peak RSS {peak_gib:.2f} GiB, {seconds:.1f} s from launch to the first update "
                   f"done ({wall:.1f} s to the process's exit, {cpu:.1f} s of CPU)")
             for line in lines:
                 print("   ", line)
             counts_note = "its real counts" if scale == 1 else f"{scale:g} of its real counts"
             note = f"({name.upper()} at {counts_note}, synthetic text; 32-wide 1-layer model; {device})"
-            for unit, value in (("GB peak RSS", peak_gb), ("s to first update", seconds)):
+            for unit, value in (("GiB peak RSS", peak_gib), ("s to first update", seconds)):
                 rows.append(dict(section=f"data {name}, {unit}", variant=f"ours, {cache}", unit=unit, median=value,
                                  low=float("nan"), high=float("nan"), note=note, ratio=None))
 
 
 def _measured_run(cmd, log_path):
-    """Run cmd to its end: (peak RSS in GB, seconds to the end of train.main, to the exit, CPU
+    """Run cmd to its end: (peak RSS in GiB, seconds to the end of train.main, to the exit, CPU
     seconds, its summary lines)."""
     launched, t0 = time.time(), time.perf_counter()
     with open(log_path, "w") as log:
