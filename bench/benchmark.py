@@ -7,6 +7,7 @@ same process (alternating, several runs, median and min-max):
     python bench/benchmark.py --only generate   # KV-cached generation vs re-running the prefix
     python bench/benchmark.py --only data --data_tasks mnli   # a full-size data set: peak memory and
                                                              # seconds to the first update, cold and warm cache
+                                                             # (--data_before DIR: against another checkout)
     python bench/benchmark.py --device cuda --only train,run   # the GPU checks: per-update table
                                                                # (fp32, bf16) and a whole ROCStories run
 
@@ -535,6 +536,9 @@ def main(argv=None):
                         help="leave glibc's malloc as it is (train.py has it keep freed memory on a CPU)")
     parser.add_argument("--data_tasks", default="mnli,qqp,snli", help="tasks of the 'data' section (mnli,qqp,snli)")
     parser.add_argument("--data_scale", type=float, default=1.0, help="the 'data' section's share of the real counts")
+    parser.add_argument("--data_before", default=None, metavar="DIR",
+                        help="the 'data' section's baseline: another checkout of the project (an earlier commit), "
+                             "run the same way on the same folders")
     parser.add_argument("--run_args", default="", help="extra train.py flags for the run section, e.g. '--amp bf16'")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--updates", type=int, default=10, help="updates in the 'updates' section")
@@ -586,7 +590,7 @@ def main(argv=None):
         if "generate" in sections:
             bench_generate(size, tmp, args.repeats or 3)
         if "data" in sections:
-            bench_data(tmp, args.data_tasks.split(","), args.device, ROWS, args.data_scale)
+            bench_data(tmp, args.data_tasks.split(","), args.device, ROWS, args.data_scale, args.data_before)
         if "run" in sections:
             bench_run(tmp, args.device, args.run_args.split())
     print_table()
